@@ -1,0 +1,106 @@
+"""The ``zhtune`` command: one subcommand per plain function, errors printed without tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zhtune import __version__
+from zhtune.errors import ZhtuneError
+
+
+def render(args: argparse.Namespace) -> int:
+    """``zhtune render``: print rendered samples with supervised spans highlighted, or write ids/labels."""
+    from zhtune.config import DataConfig, TokenizeConfig
+    from zhtune.data.formats import load_conversations
+    from zhtune.data.inspect import highlight, write_jsonl
+    from zhtune.data.templates import RenderOptions, get_template
+    from zhtune.data.tokenize import tokenize_dataset
+    from zhtune.model.tokenizer import load_tokenizer
+
+    template = get_template(args.template)
+    tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=args.trust_remote_code)
+    data_cfg = DataConfig(paths=tuple(args.data), format=args.format, on_error=args.on_error)
+    convs, load_report = load_conversations(data_cfg.paths, data_cfg)
+    if args.limit is not None:
+        convs = convs[: args.limit]
+    tok_cfg = TokenizeConfig(
+        cutoff_len=args.cutoff_len,
+        overflow=args.overflow,
+        train_on_prompt=args.train_on_prompt,
+        mask_history=args.mask_history,
+    )
+    options = RenderOptions(system=args.system, enable_thinking=args.enable_thinking)
+    samples, report = tokenize_dataset(convs, tokenizer, template, tok_cfg, options)
+    if args.out:
+        try:
+            write_jsonl(samples, args.out, overwrite=args.force)
+        except FileExistsError as exc:
+            raise ZhtuneError(str(exc)) from None
+        print(f"wrote {len(samples)} samples to {args.out}", file=sys.stderr)
+    else:
+        color = sys.stdout.isatty() if args.color == "auto" else args.color == "always"
+        for s in samples[: args.show]:
+            print(f"=== {s.origin} ({len(s.input_ids)} tokens)")
+            print(highlight(s, tokenizer, color) + "\n")
+    print(f"data: {load_report.summary()}", file=sys.stderr)
+    print(f"tokens: {report.summary()}", file=sys.stderr)
+    return 0
+
+
+def templates(args: argparse.Namespace) -> int:
+    """``zhtune templates``: list the registered chat templates."""
+    from zhtune.data.templates import TEMPLATES
+
+    for name, t in sorted(TEMPLATES.items()):
+        print(f"{name:18s} {t.tokenization:7s} {t.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zhtune", description="LoRA tuning, merging and CGEC evaluation for Chinese LLMs."
+    )
+    parser.add_argument("--version", action="version", version=f"zhtune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("render", help="show what the model sees: rendered prompts, supervised spans, lengths")
+    p.add_argument("--tokenizer", required=True, help="local tokenizer or checkpoint directory")
+    p.add_argument("--template", required=True, help="chat template name (see `zhtune templates`)")
+    p.add_argument("--data", required=True, nargs="+", help="data file(s): JSON, JSON Lines, .gz, para")
+    p.add_argument("--format", default="auto", help="data format (default: detected)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N conversations")
+    p.add_argument("--out", default=None, help="write {input_ids, labels} JSON Lines here instead of printing")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--show", type=int, default=3, help="how many samples to print (default 3)")
+    p.add_argument("--system", default=None, help="override the template's default system prompt")
+    p.add_argument("--enable-thinking", action="store_true", help="qwen3: train with <think> blocks")
+    p.add_argument("--cutoff-len", type=int, default=2048)
+    p.add_argument("--overflow", choices=["truncate", "drop"], default="truncate")
+    p.add_argument("--train-on-prompt", action="store_true")
+    p.add_argument("--mask-history", action="store_true")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a tokenizer class shipped as code")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.set_defaults(func=render)
+
+    p = sub.add_parser("templates", help="list chat templates")
+    p.set_defaults(func=templates)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except ZhtuneError as exc:
+        print(f"zhtune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Pack short samples into fixed-length rows without letting any token attend across documents.
+
+Rows are filled best-fit-decreasing. Inside a row every document keeps its own position ids (restarting at 0)
+and its own causal block of the attention mask, and the first token of each document carries no label (in an
+unpacked batch position 0 is never predicted either), so the summed loss over packed rows equals the summed loss
+over the same samples unpacked. Padding at the end of a row attends only to itself and carries no label.
+
+The 4D additive mask built here serves eager and SDPA attention on any device; the GPU fast path can use the
+same ``seq_ids`` / ``position_ids`` with a varlen or flex-attention kernel instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from zhtune.data.tokenize import IGNORE_INDEX, TokenizedSample
+
+
+@dataclass
+class PackedRow:
+    """One packed row; ``seq_ids`` numbers the documents in the row (-1 for padding)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+    seq_ids: list[int]
+
+    @property
+    def n_documents(self) -> int:
+        return len({s for s in self.seq_ids if s >= 0})
+
+
+def pack_samples(samples: Sequence[TokenizedSample], row_len: int, pad_id: int) -> list[PackedRow]:
+    """Pack samples into rows of exactly ``row_len`` tokens (best fit, longest first).
+
+    Raises:
+        ValueError: a sample longer than ``row_len`` (apply the cutoff policy first).
+    """
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
+    for i in order:
+        n = len(samples[i].input_ids)
+        if n > row_len:
+            raise ValueError(f"{samples[i].origin}: sample of {n} tokens does not fit a row of {row_len}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            rows.append([i])
+            bisect.insort(free, (row_len - n, len(rows) - 1))
+        else:
+            room, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (room - n, r))
+    return [_build_row([samples[i] for i in members], row_len, pad_id) for members in rows]
+
+
+def _build_row(members: list[TokenizedSample], row_len: int, pad_id: int) -> PackedRow:
+    ids, labels, pos, seq = [], [], [], []
+    for d, s in enumerate(members):
+        n = len(s.input_ids)
+        ids += s.input_ids
+        labels += [IGNORE_INDEX] + s.labels[1:]
+        pos += range(n)
+        seq += [d] * n
+    pad = row_len - len(ids)
+    return PackedRow(ids + [pad_id] * pad, labels + [IGNORE_INDEX] * pad, pos + list(range(pad)), seq + [-1] * pad)
+
+
+def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive 4D mask ``[batch, 1, L, L]``: 0 where a query may attend a key, dtype-min elsewhere.
+
+    A query attends keys of its own document at or before it; padding (``seq_id`` -1) attends only itself, so
+    no softmax row is empty.
+    """
+    length = seq_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=seq_ids.device).tril()
+    same = (seq_ids[:, :, None] == seq_ids[:, None, :]) & (seq_ids[:, :, None] >= 0)
+    allowed = (same & causal) | torch.eye(length, dtype=torch.bool, device=seq_ids.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def collate_packed(rows: Sequence[PackedRow], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Stack packed rows into model inputs (``input_ids``, ``labels``, ``position_ids``, 4D ``attention_mask``)."""
+    seq_ids = torch.tensor([r.seq_ids for r in rows])
+    return {
+        "input_ids": torch.tensor([r.input_ids for r in rows]),
+        "labels": torch.tensor([r.labels for r in rows]),
+        "position_ids": torch.tensor([r.position_ids for r in rows]),
+        "attention_mask": block_causal_mask(seq_ids, dtype),
+    }
+
+
+def collate_padded(samples: Sequence[TokenizedSample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad samples to the longest one (the plain, unpacked batch)."""
+    longest = max(len(s.input_ids) for s in samples)
+    ids, labels, mask = [], [], []
+    for s in samples:
+        pad = longest - len(s.input_ids)
+        ids.append(s.input_ids + [pad_id] * pad)
+        labels.append(s.labels + [IGNORE_INDEX] * pad)
+        mask.append([1] * len(s.input_ids) + [0] * pad)
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def packing_efficiency(rows: Sequence[PackedRow]) -> float:
+    """Share of row tokens that are real (non-padding) tokens."""
+    total = sum(len(r.input_ids) for r in rows)
+    return sum(s >= 0 for r in rows for s in r.seq_ids) / max(total, 1)

@@ -1,0 +1,1 @@
+"""Model layer: loading tokenizers and checkpoints, LoRA targets and attachment."""

@@ -1,0 +1,37 @@
+"""Load a local tokenizer safely: never from a hub, remote code only when the user asks for it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from zhtune.errors import ConfigError
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """Load the tokenizer saved in the directory ``path``.
+
+    Args:
+        path: a local checkpoint or tokenizer directory.
+        trust_remote_code: allow the checkpoint's own Python tokenizer class (ChatGLM, GLM-4 non-hf).
+
+    Raises:
+        ConfigError: missing directory, or remote code needed but not allowed (the message says how to allow it).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"tokenizer directory {path} does not exist")
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    if "auto_map" in config and not trust_remote_code:
+        raise ConfigError(
+            f"{path} uses a tokenizer class shipped as Python code inside the checkpoint "
+            f"({config.get('tokenizer_class')}); run it only if you trust it: pass --trust-remote-code "
+            "(model.trust_remote_code: true in a recipe)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a tokenizer from {path}: {exc}") from None
