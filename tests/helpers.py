@@ -27,3 +27,35 @@ def tiny_qwen2(path: Path, vocab_size: int = 512, seed: int = 0, attn: str = "ea
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
     return model.eval()
+
+
+def tiny_model_dir(path: Path, arch: str, vocab_size: int = 256, seed: int = 0, max_shard_size: str | None = None):
+    """Save a tiny random model of ``arch`` (qwen2, llama, glm, phi3) to ``path`` and return the folder."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    config = {
+        "qwen2": lambda: transformers.Qwen2Config(**common, tie_word_embeddings=True),
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "glm": lambda: transformers.GlmConfig(**common, head_dim=8, pad_token_id=0),
+        "phi3": lambda: transformers.Phi3Config(**common, pad_token_id=0),  # fused qkv_proj and gate_up_proj
+    }[arch]()
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+def load_fp32(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

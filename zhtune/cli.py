@@ -57,6 +57,37 @@ def templates(args: argparse.Namespace) -> int:
     return 0
 
 
+def merge(args: argparse.Namespace) -> int:
+    """``zhtune merge``: fold adapters into the base, verify numerically, write merge_report.json."""
+    import time
+    from pathlib import Path
+
+    from zhtune.merge.merge import merge_adapters
+    from zhtune.merge.verify import verify_merge, write_report
+
+    result = merge_adapters(args.base, args.adapter, args.out, args.dtype, args.allow_base_mismatch)
+    checks, t0 = None, time.perf_counter()
+    if not args.no_verify:
+        checks = verify_merge(
+            Path(args.base),
+            [Path(a) for a in args.adapter],
+            result.out,
+            args.dtype or "fp32",
+            trust_remote_code=args.trust_remote_code,
+        )
+    report = write_report(result, checks, args.dtype, time.perf_counter() - t0)
+    print(
+        f"merged {len(args.adapter)} adapter(s) into {result.out}: {result.tensors_changed} tensors changed, "
+        f"{result.shards} shard(s), {result.seconds:.1f}s, peak RSS +{result.peak_rss_growth_mb:.0f} MB"
+    )
+    for c in report["checks"]:
+        print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['check']}")
+    if report["passed"] is False:
+        failed = [c["check"] for c in report["checks"] if not c["passed"]]
+        raise ZhtuneError(f"merge verification failed: {', '.join(failed)} (see {result.out}/merge_report.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zhtune", description="LoRA tuning, merging and CGEC evaluation for Chinese LLMs."
@@ -83,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a tokenizer class shipped as code")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     p.set_defaults(func=render)
+
+    p = sub.add_parser("merge", help="fold LoRA adapters into the base weights, shard by shard, and verify")
+    p.add_argument("--base", required=True, help="base checkpoint folder (safetensors)")
+    p.add_argument("--adapter", required=True, action="append", help="adapter folder; repeat to apply in order")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="output dtype (default: base's)")
+    p.add_argument("--no-verify", action="store_true", help="skip the numeric verification")
+    p.add_argument("--allow-base-mismatch", action="store_true", help="merge onto a base with another fingerprint")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped in the checkpoint")
+    p.set_defaults(func=merge)
 
     p = sub.add_parser("templates", help="list chat templates")
     p.set_defaults(func=templates)

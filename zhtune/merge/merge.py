@@ -1,0 +1,288 @@
+"""Fold one or more LoRA adapters into a base checkpoint, one safetensors shard at a time.
+
+Adapters apply in the order given (an instruction LoRA, then a domain LoRA trained on the merged model): for each
+base tensor, adapter 1's update is folded in, then adapter 2's, in fp32, and the result cast to the output dtype.
+Each output shard is written before the next input shard is read, so peak memory is about one shard plus the
+adapters. ``modules_to_save`` tensors replace base tensors wholesale (a resized vocabulary updates ``vocab_size``;
+a replaced ``lm_head`` of a tied model unties it). The output appears under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from zhtune.errors import ConfigError
+from zhtune.merge.adapter import Adapter, apply_delta, read_adapter
+from zhtune.model.checkpoint_files import base_fingerprint, tensor_headers, weight_shards
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "ice_text.model",
+)
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    adapters: list[dict]
+    shards: int = 0
+    tensors_changed: int = 0
+    seconds: float = 0.0
+    peak_rss_growth_mb: float = 0.0
+    config_changes: dict = field(default_factory=dict)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _reset_peak_rss() -> None:
+    # Linux: writing 5 to clear_refs resets the peak-RSS mark (VmHWM), which is otherwise inherited from whatever
+    # the process did before (even from its parent across fork+exec).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"output directory {out} exists and is not empty; choose another --out or empty it")
+
+
+def _check_plan(base: Path, adapters: list[Adapter], shards: dict[str, list[str]], allow_mismatch: bool) -> None:
+    headers = {}
+    for shard in shards:
+        headers.update(tensor_headers(base / shard))
+    fingerprint = None
+    for ad in adapters:
+        expected = ad.meta.get("base_fingerprint")
+        if expected and ad is adapters[0]:
+            fingerprint = fingerprint or base_fingerprint(base)
+            if expected != fingerprint and not allow_mismatch:
+                raise ConfigError(
+                    f"adapter {ad.path} was trained on a base with fingerprint {expected}, but {base} has "
+                    f"{fingerprint}; pass --allow-base-mismatch if you are sure"
+                )
+        for name, delta in ad.deltas.items():
+            if name not in headers and not any(name in a.replaced for a in adapters):
+                raise ConfigError(f"adapter {ad.path} changes {name}, which the base {base} does not have")
+            if name in headers:
+                want = [delta.B.shape[0], delta.A.shape[1]]
+                if delta.fan_in_fan_out:
+                    want = want[::-1]
+                if list(headers[name][1]) != want:
+                    raise ConfigError(
+                        f"adapter {ad.path}: update for {name} has shape {tuple(want)} but the base tensor is "
+                        f"{tuple(headers[name][1])}"
+                    )
+
+
+def merge_adapters(
+    base: str | Path,
+    adapter_paths: list[str | Path],
+    out: str | Path,
+    dtype: str | None = None,
+    allow_base_mismatch: bool = False,
+) -> MergeResult:
+    """Merge ``adapter_paths`` (in order) into ``base`` and write a Hugging Face checkpoint to ``out``.
+
+    Args:
+        base: base checkpoint folder (safetensors, sharded or not).
+        adapter_paths: peft LoRA adapter folders, applied in this order.
+        out: output folder; must not exist or be empty.
+        dtype: ``bf16``/``fp16``/``fp32``; default keeps each tensor's dtype.
+        allow_base_mismatch: merge even when an adapter records a different base fingerprint.
+
+    Returns:
+        A :class:`MergeResult` with counts, time and peak RSS growth.
+
+    Raises:
+        ConfigError: bad output folder, mismatched base, an inconsistent adapter, or NaN/Inf in a merged tensor
+            (each message names the tensor or folder).
+    """
+    _reset_peak_rss()
+    start, rss0 = time.perf_counter(), _rss_mb()
+    base, out = Path(base), Path(out)
+    _check_out(out)
+    if not adapter_paths:
+        raise ConfigError("give at least one --adapter")
+    adapters = [read_adapter(p) for p in adapter_paths]
+    shards = weight_shards(base)
+    _check_plan(base, adapters, shards, allow_base_mismatch)
+    target = DTYPES[dtype] if dtype else None
+    partial = out.parent / f".{out.name}.zhtune-partial-{os.getpid()}"
+    partial.mkdir(parents=True)
+
+    try:
+        weight_map, changed = _write_shards(base, shards, adapters, partial, target)
+        if len(shards) > 1:
+            total = sum((partial / s).stat().st_size for s in set(weight_map.values()))
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        changes = _write_config(base, partial, adapters, target, weight_map)
+        _copy_side_files(base, partial, adapters)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # never leave a half-written checkpoint behind
+        raise
+    if out.exists():
+        out.rmdir()  # an empty folder the user made for us
+    partial.rename(out)
+    return MergeResult(
+        out=out,
+        adapters=[
+            {"path": str(a.path), "sha256": a.sha256, "lora_modules": len(a.deltas), "replaced": sorted(a.replaced)}
+            for a in adapters
+        ],
+        shards=len(shards),
+        tensors_changed=changed,
+        seconds=time.perf_counter() - start,
+        peak_rss_growth_mb=max(0.0, _peak_rss_mb() - rss0),
+        config_changes=changes,
+    )
+
+
+def _write_shards(base: Path, shards: dict, adapters: list[Adapter], out: Path, target) -> tuple[dict, int]:
+    """Stream every base shard through the adapters into ``out``, one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    weight_map, changed, seen = {}, 0, set()
+    replaced = {k: v for a in adapters for k, v in a.replaced.items()}
+    names = sorted(shards)
+    for i, shard in enumerate(names):
+        headers = tensor_headers(base / shard)
+        plan = []  # (name, dtype, shape) of each output tensor, known before any data is read
+        for name, (dt, shape) in headers.items():
+            src = replaced.get(name)
+            dtype = target if target is not None and dt in ("BF16", "F16", "F32") else SAFETENSORS_DTYPES[dt]
+            if src is not None:
+                dtype = target or src.dtype
+            plan.append((name, dtype, list(src.shape) if src is not None else shape))
+            seen.add(name)
+        if i == len(names) - 1:  # tensors only an adapter has (lm_head of a tied base) go into the last shard
+            plan += [(n, target or replaced[n].dtype, list(replaced[n].shape)) for n in sorted(set(replaced) - seen)]
+        out_name = "model.safetensors" if len(names) == 1 else f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        with safe_open(base / shard, "pt") as f:
+
+            def produce(name, dtype, _f=f, _in_base=frozenset(headers)):
+                nonlocal changed
+                tensor, did = _merged_tensor(name, _f.get_tensor(name) if name in _in_base else None, adapters)
+                changed += did
+                if not torch.isfinite(tensor).all():
+                    raise ConfigError(
+                        f"merged tensor {name} contains NaN or Inf; the adapter is broken; nothing written"
+                    )
+                return tensor.to(dtype)
+
+            write_safetensors(out / out_name, plan, produce)
+        weight_map.update({name: out_name for name, _d, _s in plan})
+    return weight_map, changed
+
+
+def write_safetensors(path: Path, plan: list[tuple[str, torch.dtype, list[int]]], produce) -> None:
+    """Write a safetensors file tensor by tensor: the header comes from ``plan``, the data from ``produce``.
+
+    Only one tensor is in memory at a time, unlike ``safetensors.torch.save_file`` which needs the whole dict
+    (and serialises a copy of it).
+    """
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape in plan:
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, dtype, shape in plan:
+            tensor = produce(name, dtype).contiguous()
+            if list(tensor.shape) != list(shape):
+                raise ConfigError(f"tensor {name} has shape {tuple(tensor.shape)}, planned {tuple(shape)}")
+            f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            del tensor
+
+
+def _merged_tensor(name: str, tensor: torch.Tensor | None, adapters: list[Adapter]) -> tuple[torch.Tensor, int]:
+    dtype = tensor.dtype if tensor is not None else None
+    work, changed = tensor, 0
+    for ad in adapters:
+        if name in ad.replaced:
+            work, changed = ad.replaced[name].float(), 1
+            dtype = dtype or ad.replaced[name].dtype
+        if name in ad.deltas:
+            work, changed = apply_delta(work, ad.deltas[name], name), 1
+    return (work.to(dtype) if changed else work), changed
+
+
+def _write_config(base: Path, out: Path, adapters: list[Adapter], target, weight_map: dict) -> dict:
+    config = json.loads((base / "config.json").read_text())
+    changes = {}
+    embed = next((n for n in weight_map if n.endswith("embed_tokens.weight")), None)
+    replaced = {k: v for a in adapters for k, v in a.replaced.items()}
+    if embed in replaced and replaced[embed].shape[0] != config.get("vocab_size"):
+        changes["vocab_size"] = [config.get("vocab_size"), replaced[embed].shape[0]]
+        config["vocab_size"] = replaced[embed].shape[0]
+    if config.get("tie_word_embeddings") and "lm_head.weight" in weight_map:
+        changes["tie_word_embeddings"] = [True, False]
+        config["tie_word_embeddings"] = False
+    if target is not None:
+        name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[target]
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = name
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return changes
+
+
+def _copy_side_files(base: Path, out: Path, adapters: list[Adapter]) -> None:
+    if (base / "generation_config.json").exists():
+        shutil.copy(base / "generation_config.json", out / "generation_config.json")
+    # The tokenizer comes from the base unless an adapter ships its own (an extended vocabulary does).
+    source = next((a.path for a in reversed(adapters) if any((a.path / f).exists() for f in TOKENIZER_FILES)), base)
+    for f in TOKENIZER_FILES:
+        if (source / f).exists():
+            shutil.copy(source / f, out / f)
