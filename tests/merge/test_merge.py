@@ -102,6 +102,18 @@ def test_tied_embeddings_untied_when_lm_head_replaced(tmp_path):
     torch.testing.assert_close(logits(load_fp32(result.out)), reference, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_on_tied_head_unties_and_matches_live_adapter(tmp_path):
+    base = tiny_model_dir(tmp_path / "base", "qwen2")
+    ad = make_adapter(base, tmp_path / "ad", target_modules=["q_proj", "lm_head"])
+    result = merge_adapters(base, [ad], tmp_path / "merged")
+    assert json.loads((result.out / "config.json").read_text())["tie_word_embeddings"] is False
+    live = logits(PeftModel.from_pretrained(load_fp32(base), ad))
+    merged = load_fp32(result.out)
+    torch.testing.assert_close(logits(merged), live, rtol=1e-5, atol=1e-5)
+    # the embeddings stay the base's: only the head moved
+    torch.testing.assert_close(merged.get_input_embeddings().weight, load_fp32(base).get_input_embeddings().weight)
+
+
 @pytest.fixture()
 def base_and_adapter(tmp_path):
     base = tiny_model_dir(tmp_path / "base", "qwen2")

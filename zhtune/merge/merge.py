@@ -92,10 +92,21 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"output directory {out} exists and is not empty; choose another --out or empty it")
 
 
+def _tied_head_source(base: Path, headers: dict) -> dict[str, str]:
+    """``{"lm_head.weight": embed_key}`` when the base ties its output head to the embeddings and stores no head."""
+    config = json.loads((base / "config.json").read_text())
+    embed = next((n for n in headers if n.endswith("embed_tokens.weight")), None)
+    if config.get("tie_word_embeddings") and embed and "lm_head.weight" not in headers:
+        return {"lm_head.weight": embed}
+    return {}
+
+
 def _check_plan(base: Path, adapters: list[Adapter], shards: dict[str, list[str]], allow_mismatch: bool) -> None:
     headers = {}
     for shard in shards:
         headers.update(tensor_headers(base / shard))
+    for head, embed in _tied_head_source(base, headers).items():
+        headers[head] = headers[embed]  # a LoRA on a tied head starts from the embeddings and unties them
     fingerprint = None
     for ad in adapters:
         expected = ad.meta.get("base_fingerprint")
@@ -191,6 +202,8 @@ def _write_shards(base: Path, shards: dict, adapters: list[Adapter], out: Path, 
     weight_map, changed, seen = {}, 0, set()
     replaced = {k: v for a in adapters for k, v in a.replaced.items()}
     names = sorted(shards)
+    located = {n: (s, h) for s in names for n, h in tensor_headers(base / s).items()}
+    tied = {h: e for h, e in _tied_head_source(base, located).items() if any(h in a.deltas for a in adapters)}
     for i, shard in enumerate(names):
         headers = tensor_headers(base / shard)
         plan = []  # (name, dtype, shape) of each output tensor, known before any data is read
@@ -201,14 +214,26 @@ def _write_shards(base: Path, shards: dict, adapters: list[Adapter], out: Path, 
                 dtype = target or src.dtype
             plan.append((name, dtype, list(src.shape) if src is not None else shape))
             seen.add(name)
-        if i == len(names) - 1:  # tensors only an adapter has (lm_head of a tied base) go into the last shard
-            plan += [(n, target or replaced[n].dtype, list(replaced[n].shape)) for n in sorted(set(replaced) - seen)]
+        if i == len(names) - 1:  # tensors the base does not store (the head of a tied model) go last
+            for n in sorted((set(replaced) | set(tied)) - seen):
+                if n in replaced:
+                    plan.append((n, target or replaced[n].dtype, list(replaced[n].shape)))
+                else:
+                    _shard, (dt, shape) = located[tied[n]]
+                    plan.append((n, target or SAFETENSORS_DTYPES[dt], shape))
         out_name = "model.safetensors" if len(names) == 1 else f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
         with safe_open(base / shard, "pt") as f:
 
             def produce(name, dtype, _f=f, _in_base=frozenset(headers)):
                 nonlocal changed
-                tensor, did = _merged_tensor(name, _f.get_tensor(name) if name in _in_base else None, adapters)
+                if name in _in_base:
+                    source = _f.get_tensor(name)
+                elif name in tied and name not in replaced:
+                    with safe_open(base / located[tied[name]][0], "pt") as g:
+                        source = g.get_tensor(tied[name])
+                else:
+                    source = None
+                tensor, did = _merged_tensor(name, source, adapters)
                 changed += did
                 if not torch.isfinite(tensor).all():
                     raise ConfigError(
