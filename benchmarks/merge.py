@@ -85,10 +85,14 @@ def main() -> None:
     ratio_rss = results["zhtune"]["peak_rss_mb"] / results["peft"]["peak_rss_mb"]
     ratio_time = results["zhtune"]["seconds"] / results["peft"]["seconds"]
     report = {
-        "benchmark": "merge", "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, CPU)",
-        "model": f"Qwen2.5-3B shape, {args.layers} layers, bf16, random weights", "parameters": int(params),
-        "adapter": "LoRA r=16, all linear layers, random A and B", "results": results,
-        "zhtune_over_peft_peak_rss": round(ratio_rss, 3), "zhtune_over_peft_time": round(ratio_time, 3),
+        "benchmark": "merge",
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, CPU)",
+        "model": f"Qwen2.5-3B shape, {args.layers} layers, bf16, random weights",
+        "parameters": int(params),
+        "adapter": "LoRA r=16, all linear layers, random A and B",
+        "results": results,
+        "zhtune_over_peft_peak_rss": round(ratio_rss, 3),
+        "zhtune_over_peft_time": round(ratio_time, 3),
     }
     print(json.dumps(report, indent=2))
     out = Path(__file__).parent / "results" / "merge-cpu.json"

@@ -59,3 +59,42 @@ def load_fp32(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def tiny_checkpoint(path: Path, arch: str, shared: Path, tokenizer: str, seed: int = 0, vocab_size: int | None = None):
+    """A tiny random checkpoint of ``arch`` with a real tokenizer from ``shared/tokenizers`` copied beside it.
+
+    Shapes are the real family's scaled down (hidden 64, 2 layers, 4 heads, 2 KV heads); the vocabulary is the real
+    tokenizer's unless ``vocab_size`` is given (a smaller one models LLaMA before Chinese-LLaMA extended it).
+    """
+    import shutil
+
+    import transformers
+
+    from tests.tokenizers import build_tokenizer_dir
+
+    tok_dir = build_tokenizer_dir(tokenizer, shared, path.parent / "tokenizer-cache")
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    vocab = vocab_size or len(tok)
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    config = {
+        "qwen2": lambda: transformers.Qwen2Config(
+            **common, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True
+        ),
+        "llama": lambda: transformers.LlamaConfig(**common, rms_norm_eps=1e-5),
+        "glm": lambda: transformers.GlmConfig(**common, head_dim=16, pad_token_id=tok.pad_token_id or 0),
+    }[arch]()
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    for f in tok_dir.iterdir():
+        if f.name not in ("config.json", "generation_config.json", "params.json"):
+            shutil.copy(f, path / f.name)
+    return path

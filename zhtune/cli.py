@@ -88,6 +88,17 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    """``zhtune train RECIPE.yaml [key=value ...]``: LoRA tuning as the recipe says."""
+    from zhtune.config import load_recipe
+    from zhtune.train.loop import train as run_training
+
+    summary = run_training(load_recipe(args.recipe, args.overrides))
+    if "adapter" in summary:
+        print(f"adapter: {summary['adapter']}  (steps {summary['steps']}, last loss {summary['last'].get('loss')})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zhtune", description="LoRA tuning, merging and CGEC evaluation for Chinese LLMs."
@@ -114,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a tokenizer class shipped as code")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     p.set_defaults(func=render)
+
+    p = sub.add_parser("train", help="LoRA instruction tuning from a YAML recipe (torchrun/accelerate for N GPUs)")
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
+    p.set_defaults(func=train)
 
     p = sub.add_parser("merge", help="fold LoRA adapters into the base weights, shard by shard, and verify")
     p.add_argument("--base", required=True, help="base checkpoint folder (safetensors)")

@@ -11,6 +11,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from zhtune.errors import ConfigError
@@ -58,6 +59,85 @@ class TokenizeConfig:
     packing: bool = True
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base checkpoint: a local folder; ``trust_remote_code`` only when the user asks (ChatGLM-6B/2/3)."""
+
+    path: str = ""
+    tokenizer: str | None = None  # defaults to ``path``
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = True
+
+
+@dataclass(frozen=True)
+class InitAdapterConfig:
+    """Start from an existing adapter: keep training it (``resume_weights``) or fold it into the base and train a
+    new one on top (``merge_then_new``)."""
+
+    path: str = ""
+    mode: Literal["resume_weights", "merge_then_new"] = "merge_then_new"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters; ``target_modules`` is ``auto`` (the architecture table), ``all-linear`` or a list."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "auto"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()
+    init_adapter: InitAdapterConfig | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop. ``micro_batch_size`` counts packed rows (or samples when packing is off) per
+    device; one optimizer step sees ``micro_batch_size * grad_accum * world_size`` of them."""
+
+    lr: float = 2e-4
+    epochs: float = 3.0
+    max_steps: int = -1
+    micro_batch_size: int = 2
+    grad_accum: int = 4
+    warmup_ratio: float = 0.03
+    warmup_steps: int = -1
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    save_every: int = 200
+    eval_every: int = 100
+    val_size: float = 0.02
+    log_every: int = 1
+    resume_from: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where a run writes: checkpoints, the final adapter, metrics, plots."""
+
+    dir: str = "runs/zhtune"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole training recipe, one section per concern."""
+
+    model: ModelConfig
+    data: DataConfig
+    template: TemplateConfig
+    tokenize: TokenizeConfig
+    lora: LoraConfig
+    train: TrainConfig
+    output: OutputConfig
+
+
 def _check_type(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
@@ -89,6 +169,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         return from_mapping(tp, value, where)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "2e-4" as a string
+        except ValueError:
+            pass
     if tp in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where}: expected {tp.__name__}, got a boolean")
     if not isinstance(value, tp):
@@ -126,4 +211,84 @@ def from_mapping(cls: type[T], mapping: Any, where: str = "") -> T:
     return cls(**kwargs)
 
 
-__all__ = ["DataConfig", "TemplateConfig", "TokenizeConfig", "from_mapping"]
+def _set_override(tree: dict, override: str) -> None:
+    import yaml
+
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def recipe_from_dict(tree: dict, where: str = "recipe") -> Recipe:
+    """Build a :class:`Recipe` from a nested mapping (unknown sections or keys are errors)."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections")
+    recipe = from_mapping(
+        Recipe,
+        {k: v if v is not None else {} for k, v in tree.items()}
+        | {k: {} for k in ("model", "data", "template", "tokenize", "lora", "train", "output") if k not in tree},
+    )
+    if not recipe.model.path:
+        raise ConfigError(f"{where}: model.path is required (a local checkpoint folder)")
+    if not recipe.data.paths:
+        raise ConfigError(f"{where}: data.paths is required (one or more data files)")
+    if recipe.lora.init_adapter is not None and not recipe.lora.init_adapter.path:
+        raise ConfigError(f"{where}: lora.init_adapter.path is required when init_adapter is set")
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe and apply ``section.key=value`` overrides (values parsed as YAML).
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys, wrong types, missing required values.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"recipe {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+    for override in overrides:
+        _set_override(tree, override)
+    return recipe_from_dict(tree, str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """The fully resolved recipe as plain data (tuples as lists), for writing next to outputs."""
+
+    def plain(x):
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(recipe))
+
+
+__all__ = [
+    "DataConfig",
+    "TemplateConfig",
+    "TokenizeConfig",
+    "ModelConfig",
+    "LoraConfig",
+    "InitAdapterConfig",
+    "TrainConfig",
+    "OutputConfig",
+    "Recipe",
+    "from_mapping",
+    "load_recipe",
+    "recipe_from_dict",
+    "recipe_to_dict",
+]

@@ -71,7 +71,8 @@ def _build_row(members: list[TokenizedSample], row_len: int, pad_id: int) -> Pac
 
 
 def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive 4D mask ``[batch, 1, L, L]``: 0 where a query may attend a key, dtype-min elsewhere.
+    """4D mask ``[batch, 1, L, L]``: with ``dtype=torch.bool`` True where a query may attend a key (what SDPA
+    takes), otherwise additive (0 allowed, dtype-min elsewhere; what eager attention adds to its scores).
 
     A query attends keys of its own document at or before it; padding (``seq_id`` -1) attends only itself, so
     no softmax row is empty.
@@ -80,6 +81,8 @@ def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype = torch.float32)
     causal = torch.ones(length, length, dtype=torch.bool, device=seq_ids.device).tril()
     same = (seq_ids[:, :, None] == seq_ids[:, None, :]) & (seq_ids[:, :, None] >= 0)
     allowed = (same & causal) | torch.eye(length, dtype=torch.bool, device=seq_ids.device)
+    if dtype == torch.bool:
+        return allowed[:, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=seq_ids.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]

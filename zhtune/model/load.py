@@ -1,0 +1,118 @@
+"""Load a local base checkpoint for training or inference, and attach, save and reload LoRA adapters.
+
+The base is read with transformers from a local folder only; remote code only with ``trust_remote_code``. When the
+tokenizer is larger than the embedding matrix (Chinese-LLaMA/Alpaca extend LLaMA's vocabulary), the embeddings are
+resized and both embeddings and output head are trained in full through peft's ``modules_to_save``, so the adapter
+carries them. An adapter folder written here is a plain peft adapter plus ``zhtune_adapter.json`` describing how it
+was made (base fingerprint, template, data, resolved recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from zhtune.config import LoraConfig, ModelConfig
+from zhtune.errors import ConfigError
+from zhtune.model.targets import lora_targets
+
+log = logging.getLogger(__name__)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ADAPTER_META = "zhtune_adapter.json"
+
+
+def load_base_model(config: ModelConfig):
+    """Load the base model from a local folder.
+
+    Raises:
+        ConfigError: missing folder or a checkpoint transformers cannot load.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(config.path)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"model.path {path} is not a checkpoint folder (no config.json)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=DTYPES[config.dtype],
+            attn_implementation=config.attn_implementation,
+            trust_remote_code=config.trust_remote_code,
+            local_files_only=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the model in {path}: {exc}") from None
+    return model
+
+
+def fit_embeddings(model, vocab_size: int) -> bool:
+    """Grow the embeddings (and head) to ``vocab_size`` rows when the tokenizer is larger; return whether it did."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if vocab_size <= rows:
+        return False
+    log.info("resizing embeddings %d -> %d to fit the tokenizer", rows, vocab_size)
+    model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    return True
+
+
+def embedding_module_names(model) -> list[str]:
+    """Short names of the input embedding and output head modules (for ``modules_to_save``)."""
+    names = []
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    for name, module in model.named_modules():
+        if id(module) in wanted:
+            names.append(name.rsplit(".", 1)[-1])
+    return sorted(set(names))
+
+
+def attach_lora(model, lora: LoraConfig, resized: bool):
+    """Wrap ``model`` with a trainable LoRA adapter (or continue/merge an existing one, ``lora.init_adapter``)."""
+    import peft
+
+    if lora.init_adapter is not None:
+        path = lora.init_adapter.path
+        if not (Path(path) / "adapter_config.json").exists():
+            raise ConfigError(f"lora.init_adapter.path {path} is not an adapter folder")
+        if lora.init_adapter.mode == "resume_weights":
+            return peft.PeftModel.from_pretrained(model, path, is_trainable=True)
+        model = peft.PeftModel.from_pretrained(model, path).merge_and_unload()
+    modules_to_save = list(lora.modules_to_save)
+    if resized:
+        extra = [n for n in embedding_module_names(model) if n not in modules_to_save]
+        if extra:
+            log.info("vocabulary was extended: training %s in full (modules_to_save)", extra)
+            modules_to_save += extra
+    cfg = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_targets(model.config.model_type, lora.target_modules),
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        modules_to_save=modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, cfg)
+
+
+def load_adapter_model(base: str | Path, adapter: str | Path, dtype: str = "fp32", trust_remote_code: bool = False):
+    """zhtune's own loader: the base (resized to the adapter's vocabulary if it was extended) plus the adapter."""
+    import peft
+    from safetensors import safe_open
+
+    model = load_base_model(
+        ModelConfig(path=str(base), dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
+    )
+    with safe_open(Path(adapter) / "adapter_model.safetensors", "pt") as f:
+        embed = [k for k in f.keys() if k.endswith("embed_tokens.weight")]
+        rows = f.get_slice(embed[0]).get_shape()[0] if embed else None
+    if rows and rows != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows)
+    return peft.PeftModel.from_pretrained(model, str(adapter)).eval()
+
+
+def write_adapter_meta(folder: Path, meta: dict) -> None:
+    (folder / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))

@@ -1,0 +1,203 @@
+"""The training loop, written out in one place.
+
+``train(recipe)`` runs LoRA instruction tuning on 1..N processes (launched by ``torchrun`` or ``accelerate
+launch``; the loop itself never spawns processes). The loss of an optimizer step is the summed cross-entropy over all
+supervised tokens of all its micro-batches on all ranks, divided by their count, so gradient accumulation and data
+parallelism give the same numbers as one big batch. Checkpoints are atomic and a resumed run continues the exact
+same sequence (data order, RNG, optimizer, scheduler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from zhtune import __version__
+from zhtune.config import Recipe, recipe_to_dict
+from zhtune.errors import ConfigError
+from zhtune.model.checkpoint_files import base_fingerprint, file_sha256
+from zhtune.model.load import attach_lora, fit_embeddings, load_base_model, write_adapter_meta
+from zhtune.model.tokenizer import load_tokenizer
+from zhtune.train.checkpoint import CHECKPOINTS, find_checkpoint, load_checkpoint, save_checkpoint
+from zhtune.train.metrics import MetricsWriter, plot_loss
+from zhtune.train.schedule import StepSchedule, build_data, collate, supervised_tokens
+
+MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over supervised positions, in fp32."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    return torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), reduction="sum", ignore_index=-100
+    )
+
+
+def _prepare_output(recipe: Recipe) -> tuple[Path, Path | None]:
+    out = Path(recipe.output.dir)
+    if recipe.train.resume_from:
+        return out, find_checkpoint(out, recipe.train.resume_from)
+    if (out / CHECKPOINTS).exists() or (out / "adapter").exists():
+        raise ConfigError(
+            f"output.dir {out} already holds a run; set train.resume_from=latest to continue it, or choose another "
+            "output.dir (zhtune never overwrites a run)"
+        )
+    return out, None
+
+
+def _forward_loss(model, batch: dict, device) -> torch.Tensor:
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    return summed_cross_entropy(model(**inputs).logits, batch["labels"])
+
+
+@torch.no_grad()
+def evaluate(model, accelerator, units: list, data, micro_batch_size: int, mask_dtype) -> float:
+    """Mean loss per supervised token over ``units`` (sharded across ranks)."""
+    model.eval()
+    mine = units[accelerator.process_index :: accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for i in range(0, len(mine), micro_batch_size):
+        chunk = mine[i : i + micro_batch_size]
+        total[0] += _forward_loss(model, collate(chunk, data.packed, data.pad_id, mask_dtype), accelerator.device)
+        total[1] += supervised_tokens(chunk)
+    total = accelerator.reduce(total, "sum")
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+def _adapter_meta(recipe: Recipe) -> dict:
+    return {
+        "zhtune_version": __version__,
+        "base_model": recipe.model.path,
+        "base_fingerprint": base_fingerprint(recipe.model.path),
+        "template": recipe.template.name,
+        "data": [{"path": p, "sha256": file_sha256(Path(p))} for p in recipe.data.paths],
+        "recipe": recipe_to_dict(recipe),
+    }
+
+
+def train(recipe: Recipe) -> dict:
+    """Train a LoRA adapter as ``recipe`` says; return a summary (steps, final losses, output paths).
+
+    Raises:
+        ConfigError / DataError: anything wrong with the recipe, model or data, before training starts.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    cfg = recipe.train
+    out, resume = _prepare_output(recipe)
+    accelerator = Accelerator(mixed_precision=MIXED[recipe.model.dtype], cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code)
+    data = build_data(recipe, tokenizer)
+    model = load_base_model(recipe.model)
+    resized = fit_embeddings(model, len(tokenizer))
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = attach_lora(model, recipe.lora, resized)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trainable weights and optimizer state in fp32, whatever the base dtype
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = StepSchedule(
+        len(data.train_units), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, cfg.seed
+    )
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * schedule.steps_per_epoch)
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else round(cfg.warmup_ratio * total_steps)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sdpa = getattr(accelerator.unwrap_model(model).config, "_attn_implementation", "eager") == "sdpa"
+    mask_dtype = torch.bool if sdpa else torch.float32
+
+    step = load_checkpoint(resume, accelerator.unwrap_model(model), optimizer, scheduler) if resume else 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.resolved.json").write_text(json.dumps(recipe_to_dict(recipe), indent=2, ensure_ascii=False))
+        (out / "data_report.txt").write_text("\n".join(f"{k}: {v}" for k, v in data.reports.items()) + "\n")
+    metrics = MetricsWriter(out, main, resume_step=step)
+    if cfg.eval_every > 0 and data.val_units and step == 0:
+        metrics.log(
+            {
+                "step": 0,
+                "eval_loss": evaluate(model, accelerator, data.val_units, data, cfg.micro_batch_size, mask_dtype),
+            }
+        )
+    bar = tqdm(total=total_steps, initial=step, disable=not (main and cfg.progress_bar), desc="train", unit="step")
+    model.train()
+    started, tokens_seen, last = time.perf_counter(), 0, {}
+    while step < total_steps:
+        all_micro = schedule.micro_batches(step)
+        n_tok = sum(supervised_tokens([data.train_units[i] for i in mb]) for mb in all_micro)
+        mine = all_micro[accelerator.process_index :: accelerator.num_processes]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for j, mb in enumerate(mine):
+            units = [data.train_units[i] for i in mb]
+            sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
+            with sync:
+                ce = _forward_loss(model, collate(units, data.packed, data.pad_id, mask_dtype), accelerator.device)
+                # DDP averages gradients over ranks; scaling by world size makes the result sum / all tokens.
+                accelerator.backward(ce * accelerator.num_processes / max(n_tok, 1))
+            loss_sum += ce.detach()
+            tokens_seen += sum(len(u.input_ids) for u in units)
+        loss = (accelerator.reduce(loss_sum, "sum") / max(n_tok, 1)).item()
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - started
+        last = {
+            "step": step,
+            "epoch": round(step / schedule.steps_per_epoch, 4),
+            "loss": loss,
+            "lr": lr,
+            "tokens_per_s": round(tokens_seen * accelerator.num_processes / max(elapsed, 1e-9), 1),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        }
+        if step % cfg.log_every == 0 or step == total_steps:
+            metrics.log(last)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+        bar.update(1)
+        if cfg.eval_every > 0 and data.val_units and (step % cfg.eval_every == 0 or step == total_steps):
+            last["eval_loss"] = evaluate(model, accelerator, data.val_units, data, cfg.micro_batch_size, mask_dtype)
+            metrics.log({"step": step, "eval_loss": last["eval_loss"]})
+        if main and ((cfg.save_every > 0 and step % cfg.save_every == 0) or step == total_steps):
+            save_checkpoint(
+                out, step, accelerator.unwrap_model(model), optimizer, scheduler, {"loss": loss, "epoch": last["epoch"]}
+            )
+        accelerator.wait_for_everyone()
+    bar.close()
+    metrics.close()
+    summary = {"steps": step, "last": last, "output": str(out)}
+    if main:
+        summary["adapter"] = str(_save_final_adapter(out, accelerator.unwrap_model(model), tokenizer, recipe))
+        summary["plot"] = str(plot_loss(out, title=f"{Path(recipe.model.path).name} · {recipe.template.name}"))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _save_final_adapter(out: Path, model, tokenizer, recipe: Recipe) -> Path:
+    final, tmp = out / "adapter", out / f".adapter.tmp-{os.getpid()}"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_adapter_meta(tmp, _adapter_meta(recipe))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
