@@ -99,6 +99,33 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def score(args: argparse.Namespace) -> int:
+    """``zhtune score``: ChERRANT char-level P/R/F0.5 of a hypothesis para file against M2 or para references."""
+    import json
+
+    from zhtune.gec.scorer import score_files
+
+    result = score_files(args.hyp, args.ref, args.tables, args.beta)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+        return 0
+    f_key = f"f{args.beta}"
+    print("TP\tFP\tFN\tPrec\tRec\tF" + str(args.beta))
+    print(f"{result['tp']}\t{result['fp']}\t{result['fn']}\t{result['precision']}\t{result['recall']}\t{result[f_key]}")
+    print("\ntype  TP     FP     FN     P       R       F" + str(args.beta))
+    for cat, c in result["per_type"].items():
+        print(f"{cat:5s} {c['tp']:<6d} {c['fp']:<6d} {c['fn']:<6d} {c['precision']:<7} {c['recall']:<7} {c[f_key]}")
+    rate = result["overcorrection_rate"]
+    print(f"\nover-correction on {result['no_edit_gold_sentences']} edit-free gold sentences: {rate}")
+    print(
+        f"{result['sentences']} sentences ({result['skipped_unannotatable']} skipped as 无法标注), "
+        f"{result['seconds']} s"
+    )
+    if result["truncated_alignments"]:
+        print(f"note: {result['truncated_alignments']} pair(s) had too many cheapest alignments and used the first")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zhtune", description="LoRA tuning, merging and CGEC evaluation for Chinese LLMs."
@@ -140,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-base-mismatch", action="store_true", help="merge onto a base with another fingerprint")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped in the checkpoint")
     p.set_defaults(func=merge)
+
+    p = sub.add_parser("score", help="CGEC score: ChERRANT char-level P/R/F0.5, per-type, over-correction")
+    p.add_argument("--hyp", required=True, help="hypothesis para file: id<TAB>source<TAB>hypothesis")
+    p.add_argument("--ref", required=True, help="char-level M2 file or multi-reference para file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--tables", default=None, help="folder with ChERRANT's cilin.txt and confusion_dict.txt")
+    p.set_defaults(func=score)
 
     p = sub.add_parser("templates", help="list chat templates")
     p.set_defaults(func=templates)
