@@ -90,10 +90,22 @@ def merge(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """``zhtune train RECIPE.yaml [key=value ...]``: LoRA tuning as the recipe says."""
+    from pathlib import Path
+
     from zhtune.config import load_recipe
+    from zhtune.data.templates import RenderOptions, get_template
     from zhtune.train.loop import train as run_training
 
-    summary = run_training(load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
+    evaluators = []
+    if recipe.eval.cgec is not None:
+        from zhtune.gec.train_eval import CgecEvaluator
+
+        options = RenderOptions(system=recipe.template.system, enable_thinking=recipe.template.enable_thinking)
+        evaluators.append(
+            CgecEvaluator(recipe.eval.cgec, get_template(recipe.template.name), Path(recipe.output.dir), options)
+        )
+    summary = run_training(recipe, evaluators)
     if "adapter" in summary:
         print(f"adapter: {summary['adapter']}  (steps {summary['steps']}, last loss {summary['last'].get('loss')})")
     return 0
@@ -123,6 +135,62 @@ def score(args: argparse.Namespace) -> int:
     )
     if result["truncated_alignments"]:
         print(f"note: {result['truncated_alignments']} pair(s) had too many cheapest alignments and used the first")
+    return 0
+
+
+def correct(args: argparse.Namespace) -> int:
+    """``zhtune correct``: batched greedy correction of a file, written as id<TAB>source<TAB>hypothesis."""
+    from pathlib import Path
+
+    from zhtune.data.templates import get_template
+    from zhtune.gec.correct import correct_rows, read_inputs, write_para
+    from zhtune.infer.engine import Generator
+    from zhtune.model.load import load_for_inference, recorded_template
+    from zhtune.model.tokenizer import load_tokenizer
+
+    if Path(args.output).exists() and not args.force:
+        raise ZhtuneError(f"{args.output} exists; pass --force to overwrite it")
+    name = args.template or recorded_template(args.model, args.adapter)
+    if not name:
+        raise ZhtuneError("no template recorded with this model or adapter; pass --template NAME")
+    tokenizer = load_tokenizer(
+        args.adapter if args.adapter and (Path(args.adapter) / "tokenizer_config.json").exists() else args.model,
+        args.trust_remote_code,
+    )
+    model = load_for_inference(args.model, args.adapter, args.dtype, args.trust_remote_code)
+    rows, stats = correct_rows(
+        Generator(model, tokenizer, get_template(name)),
+        read_inputs(args.input),
+        args.batch_size,
+        max_chars=args.max_chars,
+    )
+    write_para(rows, args.output)
+    fallbacks = {k: v for k, v in stats.items() if k not in ("sentences", "pieces")}
+    print(
+        f"corrected {stats['sentences']} sentences ({stats['pieces']} pieces) -> {args.output}; "
+        f"fell back to the source: {dict(fallbacks) or 'none'}"
+    )
+    return 0
+
+
+def noise(args: argparse.Namespace) -> int:
+    """``zhtune noise``: corrupt correct sentences into (noisy, clean) pairs; print the edit distribution."""
+    import json
+    from pathlib import Path
+
+    from zhtune.gec.correct import read_inputs
+    from zhtune.gec.noise import NoiseGenerator, noise_stats
+
+    if args.output and Path(args.output).exists() and not args.force:
+        raise ZhtuneError(f"{args.output} exists; pass --force to overwrite it")
+    gen = NoiseGenerator(args.seed)
+    rows = read_inputs(args.input)
+    results = [(rid, *gen.corrupt(src), src) for rid, src in rows]
+    if args.output:
+        Path(args.output).write_text(
+            "".join(f"{rid}\t{noisy}\t{clean}\n" for rid, noisy, _k, clean in results), encoding="utf-8"
+        )
+    print(json.dumps(noise_stats([k for _r, _n, k, _c in results]), ensure_ascii=False, indent=2))
     return 0
 
 
@@ -175,6 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--tables", default=None, help="folder with ChERRANT's cilin.txt and confusion_dict.txt")
     p.set_defaults(func=score)
+
+    p = sub.add_parser("correct", help="correct sentences with a model (+ adapter): writes id<TAB>src<TAB>hyp")
+    p.add_argument("--model", required=True, help="checkpoint folder (a merged model, or the base of --adapter)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter folder")
+    p.add_argument("--input", required=True, help="id<TAB>source lines, or one sentence per line")
+    p.add_argument("--output", required=True, help="hypothesis para file to write")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--template", default=None, help="chat template (default: the one recorded at training)")
+    p.add_argument("--max-chars", type=int, default=128, help="split longer inputs at sentence ends")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--force", action="store_true", help="overwrite --output")
+    p.set_defaults(func=correct)
+
+    p = sub.add_parser("noise", help="make (noisy, clean) CGEC pairs from correct sentences; print the distribution")
+    p.add_argument("--input", required=True, help="correct sentences: one per line, or id<TAB>sentence")
+    p.add_argument("--output", default=None, help="para file id<TAB>noisy<TAB>clean to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=noise)
 
     p = sub.add_parser("templates", help="list chat templates")
     p.set_defaults(func=templates)

@@ -126,6 +126,26 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class CgecEvalConfig:
+    """Generate corrections on (the first ``limit`` sentences of) a dev set every ``every`` steps and score them;
+    ``keep_best`` keeps the adapter with the best F0.5 in ``OUT/best_adapter``."""
+
+    data: str = ""
+    every: int = 100
+    limit: int = 200
+    batch_size: int = 16
+    instruction: str | None = None
+    keep_best: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluations run inside the training loop besides the validation loss."""
+
+    cgec: CgecEvalConfig | None = None
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole training recipe, one section per concern."""
 
@@ -136,6 +156,7 @@ class Recipe:
     lora: LoraConfig
     train: TrainConfig
     output: OutputConfig
+    eval: EvalConfig = EvalConfig()
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
@@ -239,6 +260,8 @@ def recipe_from_dict(tree: dict, where: str = "recipe") -> Recipe:
         raise ConfigError(f"{where}: model.path is required (a local checkpoint folder)")
     if not recipe.data.paths:
         raise ConfigError(f"{where}: data.paths is required (one or more data files)")
+    if recipe.eval.cgec is not None and not recipe.eval.cgec.data:
+        raise ConfigError(f"{where}: eval.cgec.data is required (a dev para or M2 file)")
     if recipe.lora.init_adapter is not None and not recipe.lora.init_adapter.path:
         raise ConfigError(f"{where}: lora.init_adapter.path is required when init_adapter is set")
     return recipe

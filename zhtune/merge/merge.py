@@ -59,6 +59,7 @@ class MergeResult:
     seconds: float = 0.0
     peak_rss_growth_mb: float = 0.0
     config_changes: dict = field(default_factory=dict)
+    template: str | None = None  # the chat template the last adapter was trained with (zhtune metadata)
 
 
 def _rss_mb() -> float:
@@ -192,6 +193,7 @@ def merge_adapters(
         seconds=time.perf_counter() - start,
         peak_rss_growth_mb=max(0.0, _peak_rss_mb() - rss0),
         config_changes=changes,
+        template=next((a.meta["template"] for a in reversed(adapters) if a.meta.get("template")), None),
     )
 
 

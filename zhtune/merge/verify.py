@@ -142,6 +142,7 @@ def write_report(result: MergeResult, checks: list[dict] | None, dtype: str | No
     """Write ``merge_report.json`` into the merged folder and return it."""
     report = {
         "out": str(result.out),
+        "template": result.template,
         "adapters": result.adapters,
         "dtype": dtype or "as base",
         "shards": result.shards,

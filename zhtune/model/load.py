@@ -116,3 +116,30 @@ def load_adapter_model(base: str | Path, adapter: str | Path, dtype: str = "fp32
 
 def write_adapter_meta(folder: Path, meta: dict) -> None:
     (folder / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+
+
+def load_for_inference(
+    model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "fp32", trust_remote_code: bool = False
+):
+    """A model ready to generate: the checkpoint, plus ``adapter`` when given, on GPU when there is one."""
+    if adapter:
+        model = load_adapter_model(model_dir, adapter, dtype, trust_remote_code)
+    else:
+        model = load_base_model(
+            ModelConfig(
+                path=str(model_dir), dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+            )
+        ).eval()
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model
+
+
+def recorded_template(model_dir: str | Path, adapter: str | Path | None = None) -> str | None:
+    """The chat template an adapter was trained with, or that a zhtune-merged model records."""
+    for meta_file in ([Path(adapter) / ADAPTER_META] if adapter else []) + [Path(model_dir) / "merge_report.json"]:
+        if meta_file.exists():
+            template = json.loads(meta_file.read_text()).get("template")
+            if template:
+                return template
+    return None

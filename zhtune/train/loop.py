@@ -84,8 +84,14 @@ def _adapter_meta(recipe: Recipe) -> dict:
     }
 
 
-def train(recipe: Recipe) -> dict:
+def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     """Train a LoRA adapter as ``recipe`` says; return a summary (steps, final losses, output paths).
+
+    Args:
+        recipe: the resolved recipe.
+        evaluators: extra in-loop evaluations supplied by higher layers (the CGEC scorer): callables
+            ``(model, tokenizer, step) -> {metric: value}`` with attributes ``every`` (steps) and ``best_key``
+            (a metric to maximise; the adapter with its best value is kept in ``OUT/best_adapter``, or None).
 
     Raises:
         ConfigError / DataError: anything wrong with the recipe, model or data, before training starts.
@@ -138,7 +144,7 @@ def train(recipe: Recipe) -> dict:
         )
     bar = tqdm(total=total_steps, initial=step, disable=not (main and cfg.progress_bar), desc="train", unit="step")
     model.train()
-    started, tokens_seen, last = time.perf_counter(), 0, {}
+    started, tokens_seen, last, best = time.perf_counter(), 0, {}, {}
     while step < total_steps:
         all_micro = schedule.micro_batches(step)
         n_tok = sum(supervised_tokens([data.train_units[i] for i in mb]) for mb in all_micro)
@@ -176,6 +182,9 @@ def train(recipe: Recipe) -> dict:
         if cfg.eval_every > 0 and data.val_units and (step % cfg.eval_every == 0 or step == total_steps):
             last["eval_loss"] = evaluate(model, accelerator, data.val_units, data, cfg.micro_batch_size, mask_dtype)
             metrics.log({"step": step, "eval_loss": last["eval_loss"]})
+        for evaluator in evaluators:
+            if evaluator.every > 0 and (step % evaluator.every == 0 or step == total_steps):
+                best = _run_evaluator(evaluator, accelerator, model, tokenizer, step, metrics, out, recipe, best)
         if main and ((cfg.save_every > 0 and step % cfg.save_every == 0) or step == total_steps):
             save_checkpoint(
                 out, step, accelerator.unwrap_model(model), optimizer, scheduler, {"loss": loss, "epoch": last["epoch"]}
@@ -183,7 +192,7 @@ def train(recipe: Recipe) -> dict:
         accelerator.wait_for_everyone()
     bar.close()
     metrics.close()
-    summary = {"steps": step, "last": last, "output": str(out)}
+    summary = {"steps": step, "last": last, "output": str(out), "best": best}
     if main:
         summary["adapter"] = str(_save_final_adapter(out, accelerator.unwrap_model(model), tokenizer, recipe))
         summary["plot"] = str(plot_loss(out, title=f"{Path(recipe.model.path).name} · {recipe.template.name}"))
@@ -192,11 +201,29 @@ def train(recipe: Recipe) -> dict:
     return summary
 
 
-def _save_final_adapter(out: Path, model, tokenizer, recipe: Recipe) -> Path:
-    final, tmp = out / "adapter", out / f".adapter.tmp-{os.getpid()}"
+def _run_evaluator(evaluator, accelerator, model, tokenizer, step, metrics, out, recipe, best) -> dict:
+    """Run one in-loop evaluation on the main process; keep the best adapter by ``evaluator.best_key``."""
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        values = evaluator(unwrapped, tokenizer, step)
+        unwrapped.train()
+        metrics.log({"step": step, **values})
+        key = evaluator.best_key
+        if key and (key not in best or values[key] > best[key]):
+            best = {**best, key: values[key], f"{key}_step": step}
+            _save_final_adapter(out, unwrapped, tokenizer, recipe, name="best_adapter", extra={"best": best})
+    accelerator.wait_for_everyone()
+    return best
+
+
+def _save_final_adapter(
+    out: Path, model, tokenizer, recipe: Recipe, name: str = "adapter", extra: dict | None = None
+) -> Path:
+    final, tmp = out / name, out / f".{name}.tmp-{os.getpid()}"
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    write_adapter_meta(tmp, _adapter_meta(recipe))
+    write_adapter_meta(tmp, {**_adapter_meta(recipe), **(extra or {})})
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)

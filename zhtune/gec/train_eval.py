@@ -1,0 +1,51 @@
+"""The CGEC evaluation the training loop runs every N steps: correct a dev subset, score it, report P/R/F0.5.
+
+It is built here (the GEC layer) and handed to :func:`zhtune.train.loop.train` as an evaluator, so the training
+loop stays free of GEC code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zhtune.config import CgecEvalConfig
+from zhtune.data.templates import RenderOptions, Template
+from zhtune.gec.align import CharAligner
+from zhtune.gec.corpora import CGEC_INSTRUCTION, read_cgec
+from zhtune.gec.correct import correct_rows, write_para
+from zhtune.gec.scorer import reference_edits, score
+from zhtune.gec.tables import find_tables, load_tables
+from zhtune.infer.engine import Generator
+
+
+class CgecEvaluator:
+    """``evaluator(model, tokenizer, step) -> {"cgec_precision", "cgec_recall", "cgec_f0.5"}``."""
+
+    best_key = "cgec_f0.5"
+
+    def __init__(self, config: CgecEvalConfig, template: Template, out_dir: Path, options: RenderOptions):
+        self.config, self.template, self.options = config, template, options
+        self.every = config.every
+        self.out_dir = Path(out_dir) / "cgec_eval"
+        semantic, confusion = load_tables(str(find_tables()))
+        self.aligner = CharAligner(semantic, confusion)
+        rows = read_cgec(config.data)[: config.limit]
+        self.rows = [(r.id, r.source) for r in rows]
+        self.refs = reference_edits(config.data, self.aligner)[: config.limit]
+        if not config.keep_best:
+            self.best_key = None
+
+    def __call__(self, model, tokenizer, step: int) -> dict:
+        generator = Generator(model, tokenizer, self.template, self.options)
+        instruction = self.config.instruction if self.config.instruction is not None else CGEC_INSTRUCTION
+        hyps, stats = correct_rows(generator, self.rows, self.config.batch_size, instruction)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_para(hyps, self.out_dir / f"step-{step:07d}.para")
+        result = score([(i, s, [h]) for i, s, h in hyps], self.refs, self.aligner).as_dict()
+        fallbacks = sum(v for k, v in stats.items() if k not in ("sentences", "pieces"))
+        return {
+            "cgec_precision": result["precision"],
+            "cgec_recall": result["recall"],
+            "cgec_f0.5": result["f0.5"],
+            "cgec_fallbacks": fallbacks,
+        }

@@ -1,0 +1,1 @@
+"""Inference layer: batched generation with the same templates and tokenization as training."""
