@@ -194,6 +194,39 @@ def noise(args: argparse.Namespace) -> int:
     return 0
 
 
+def pipeline(args: argparse.Namespace) -> int:
+    """``zhtune pipeline RECIPE.yaml``: run (or with --status, show) the stages of a pipeline."""
+    from zhtune.pipeline.config import load_pipeline
+    from zhtune.pipeline.runner import PipelineRunner, stage_states
+
+    config = load_pipeline(args.recipe)
+    if args.status:
+        for name, kind, state in stage_states(config):
+            print(f"{name:24s} {kind:10s} {state}")
+        return 0
+    summary = PipelineRunner(config).run()
+    print("report: " + ", ".join(summary["report"]))
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    """``zhtune demo``: build a tiny model and data from packaged text and run the whole pipeline on CPU."""
+    import time
+    from pathlib import Path
+
+    from zhtune.pipeline.config import load_pipeline
+    from zhtune.pipeline.demo import prepare_demo
+    from zhtune.pipeline.runner import PipelineRunner
+
+    start = time.perf_counter()
+    recipe = prepare_demo(Path(args.out))
+    summary = PipelineRunner(load_pipeline(recipe)).run()
+    final = load_pipeline(recipe).work_dir
+    print(f"demo finished in {time.perf_counter() - start:.0f} s; report: {', '.join(summary['report'])}")
+    print(f"final merged model (loads with transformers): {final}/04-merge_cgec/model")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zhtune", description="LoRA tuning, merging and CGEC evaluation for Chinese LLMs."
@@ -263,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=noise)
+
+    p = sub.add_parser("pipeline", help="instruct LoRA → merge → CGEC LoRA → merge → evaluate, with lineage")
+    p.add_argument("recipe", help="pipeline YAML (see recipes/pipeline/)")
+    p.add_argument("--status", action="store_true", help="show each stage as done / stale / pending")
+    p.set_defaults(func=pipeline)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a tiny model built from packaged text, on CPU")
+    p.add_argument("--out", default="zhtune-demo", help="folder for the demo's model, data and run")
+    p.set_defaults(func=demo)
 
     p = sub.add_parser("templates", help="list chat templates")
     p.set_defaults(func=templates)

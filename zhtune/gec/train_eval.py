@@ -49,3 +49,13 @@ class CgecEvaluator:
             "cgec_f0.5": result["f0.5"],
             "cgec_fallbacks": fallbacks,
         }
+
+
+def build_evaluators(recipe) -> list:
+    """The in-loop evaluators a recipe asks for (today: ``eval.cgec``)."""
+    if recipe.eval.cgec is None:
+        return []
+    from zhtune.data.templates import get_template
+
+    options = RenderOptions(system=recipe.template.system, enable_thinking=recipe.template.enable_thinking)
+    return [CgecEvaluator(recipe.eval.cgec, get_template(recipe.template.name), Path(recipe.output.dir), options)]

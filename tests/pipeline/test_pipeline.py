@@ -1,0 +1,118 @@
+"""The demo pipeline end to end: timing, report, lineage (skip / resume / stale) and exact resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from zhtune.cli import main
+from zhtune.pipeline.config import load_pipeline
+from zhtune.pipeline.runner import read_manifest, stage_states
+
+STAGES = ["01-instruct", "02-merge_instruct", "03-cgec", "04-merge_cgec", "05-evaluate"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, shared):  # ../shared holds the ChERRANT tables the CGEC scorer needs
+    out = tmp_path_factory.mktemp("demo")
+    start = time.perf_counter()
+    assert main(["demo", "--out", str(out)]) == 0
+    return out, time.perf_counter() - start
+
+
+def with_work_dir(recipe, work, path):
+    tree = yaml.safe_load(recipe.read_text())
+    tree["work_dir"] = str(work)
+    path.write_text(yaml.safe_dump(tree, allow_unicode=True, sort_keys=False))
+    return path
+
+
+def test_demo_finishes_fast_with_a_full_report(demo_run):
+    out, seconds = demo_run
+    assert seconds < 180
+    run = out / "run"
+    report = (run / "report.md").read_text()
+    for section in (
+        "## Stages",
+        "## Training: instruct",
+        "## Training: cgec",
+        "## Merge verification: merge_instruct",
+        "## Merge verification: merge_cgec",
+        "## CGEC evaluation: evaluate",
+        "Gain in F0.5",
+    ):
+        assert section in report
+    assert "None" not in report and "FAIL" not in report and "pending" not in report
+    assert "| base | demo_test |" in report and "| merge_instruct | demo_test |" in report
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    for stage in STAGES:
+        manifest = read_manifest(run / stage)
+        assert manifest["status"] == "done" and manifest["wall_s"] > 0 and manifest["peak_rss_mb"] > 0
+        assert manifest["inputs"]["model"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = run / "04-merge_cgec" / "model"
+    AutoModelForCausalLM.from_pretrained(final)
+    assert AutoTokenizer.from_pretrained(final).chat_template
+
+
+def test_rerun_skips_everything_and_data_change_marks_downstream_stale(demo_run, tmp_path, capsys):
+    out, _ = demo_run
+    recipe = out / "pipeline.yaml"
+    assert [s for _n, _k, s in stage_states(load_pipeline(recipe))] == ["done"] * 5
+    assert main(["pipeline", str(recipe)]) == 0
+    assert capsys.readouterr().out.count("skipped") == 5
+    # change one data file (a copy, so the shared demo stays intact): exactly the stages from the CGEC LoRA on
+    data = tmp_path / "cgec_train.para"
+    shutil.copy(out / "data" / "cgec_train.para", data)
+    tree = yaml.safe_load(recipe.read_text())
+    tree["stages"][2]["recipe"]["data"]["paths"] = [str(data)]
+    changed = tmp_path / "pipeline.yaml"
+    changed.write_text(yaml.safe_dump(tree, allow_unicode=True, sort_keys=False))
+    states = [s for _n, _k, s in stage_states(load_pipeline(changed))]
+    assert states == ["done", "done", "done", "done", "done"]  # same bytes, same fingerprints
+    data.write_text(data.read_text() + "x1\t我去了学校。\t我去了学校。\n", encoding="utf-8")
+    assert main(["pipeline", "--status", str(changed)]) == 0
+    status = capsys.readouterr().out.split("\n")
+    assert [line.split()[-1] for line in status if line] == ["done", "done", "stale", "stale", "stale"]
+
+
+def test_kill_during_second_sft_then_resume_equals_uninterrupted(demo_run, tmp_path):
+    out, _ = demo_run
+    recipe = with_work_dir(out / "pipeline.yaml", tmp_path / "run", tmp_path / "pipeline.yaml")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zhtune.cli", "pipeline", str(recipe)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    latest = tmp_path / "run" / "03-cgec" / "train" / "checkpoints" / "latest"
+    deadline = time.time() + 170
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert read_manifest(tmp_path / "run" / "03-cgec")["status"] == "running"
+    assert [s for _n, _k, s in stage_states(load_pipeline(recipe))] == ["done", "done", "pending", "pending", "pending"]
+    resumed = subprocess.run(
+        [sys.executable, "-m", "zhtune.cli", "pipeline", str(recipe)], capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    log = resumed.stdout
+    assert "[instruct] done, skipped" in log and "[merge_instruct] done, skipped" in log
+    assert "[cgec] resuming sft" in log
+    ours = read_manifest(tmp_path / "run" / "05-evaluate")["metrics"]
+    reference = read_manifest(out / "run" / "05-evaluate")["metrics"]
+    assert json.dumps(ours, sort_keys=True) == json.dumps(reference, sort_keys=True)
+    ours_loss = read_manifest(tmp_path / "run" / "03-cgec")["metrics"]
+    ref_loss = read_manifest(out / "run" / "03-cgec")["metrics"]
+    assert abs(ours_loss["loss"] - ref_loss["loss"]) < 1e-6

@@ -1,0 +1,266 @@
+"""Run a pipeline with lineage: skip what is done, resume what was interrupted, redo what is stale.
+
+Every stage gets a folder ``WORK/NN-name`` and a ``manifest.json`` (inputs and their fingerprints, outputs, metrics,
+wall time, peak memory). A stage's fingerprint hashes its own settings, the contents of the data files it reads and
+the fingerprint of the stage before it (the first one hashes the base model's tensor layout), so changing a data
+file changes exactly that stage and everything after it. A stage whose manifest says ``done`` with the same
+fingerprint is skipped; one left ``running`` with the same fingerprint is resumed (``sft`` from its last
+checkpoint); a stale one is removed and run again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from zhtune.errors import ZhtuneError
+from zhtune.model.checkpoint_files import base_fingerprint, file_sha256
+from zhtune.pipeline.config import PipelineConfig, StageConfig
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class StagePlan:
+    index: int
+    config: StageConfig
+    dir: Path
+    fingerprint: str
+    data_files: dict[str, str]  # path -> sha256
+
+
+def _data_files(stage: StageConfig) -> list[str]:
+    if stage.kind == "sft":
+        recipe = stage.recipe or {}
+        paths = list((recipe.get("data") or {}).get("paths") or [])
+        cgec = ((recipe.get("eval") or {}).get("cgec") or {}).get("data")
+        return paths + ([cgec] if cgec else [])
+    if stage.kind == "eval_cgec":
+        return [p for s in stage.sets for p in (s.input, s.ref)]
+    return []
+
+
+def plan_pipeline(config: PipelineConfig) -> list[StagePlan]:
+    """Fingerprint every stage (cheap: tensor headers and file hashes only)."""
+    work = Path(config.work_dir)
+    prev = hashlib.sha256(f"{base_fingerprint(config.base)}|{config.template}|{config.system}".encode()).hexdigest()
+    plans = []
+    for i, stage in enumerate(config.stages):
+        files = {p: file_sha256(Path(p)) for p in _data_files(stage)}
+        # files count by content, not by path: a moved or copied data file with the same bytes changes nothing
+        settings = _by_content(dataclasses.asdict(stage), files)
+        payload = json.dumps({"prev": prev, "stage": settings}, sort_keys=True)
+        prev = hashlib.sha256(payload.encode()).hexdigest()
+        plans.append(StagePlan(i, stage, work / f"{i + 1:02d}-{stage.name}", prev[:16], files))
+    return plans
+
+
+def _by_content(value, files: dict[str, str]):
+    if isinstance(value, str):
+        return f"sha256:{files[value]}" if value in files else value
+    if isinstance(value, dict):
+        return {k: _by_content(v, files) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_by_content(v, files) for v in value]
+    return value
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    path = stage_dir / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_manifest(stage_dir: Path, manifest: dict) -> None:
+    tmp = stage_dir / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    os.replace(tmp, stage_dir / MANIFEST)
+
+
+def stage_states(config: PipelineConfig) -> list[tuple[str, str, str]]:
+    """``(name, kind, state)`` with state ``done``, ``stale`` (inputs changed since it ran) or ``pending``."""
+    out = []
+    for plan in plan_pipeline(config):
+        m = read_manifest(plan.dir)
+        if m is None:
+            state = "pending"
+        elif m["fingerprint"] != plan.fingerprint:
+            state = "stale"
+        else:
+            state = "done" if m["status"] == "done" else "pending"
+        out.append((plan.config.name, plan.config.kind, state))
+    return out
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+class PipelineRunner:
+    """Holds the lineage while stages run: the current model, the last adapter, named models for comparison."""
+
+    def __init__(self, config: PipelineConfig, log=print):
+        self.config, self.log = config, log
+        self.current_model = config.base
+        self.last_adapter: str | None = None
+        self.models = {"base": config.base}
+
+    def run(self) -> dict:
+        plans = plan_pipeline(self.config)
+        Path(self.config.work_dir).mkdir(parents=True, exist_ok=True)
+        summary = {"stages": []}
+        for plan in plans:
+            m = read_manifest(plan.dir)
+            if m and m["status"] == "done" and m["fingerprint"] == plan.fingerprint:
+                self.log(f"[{plan.config.name}] done, skipped")
+                self._adopt(plan.config, m["outputs"])
+                summary["stages"].append({"name": plan.config.name, "action": "skipped"})
+                continue
+            resume = bool(m and m["status"] == "running" and m["fingerprint"] == plan.fingerprint)
+            if m and not resume:
+                self.log(f"[{plan.config.name}] stale, running again")
+                shutil.rmtree(plan.dir)
+            plan.dir.mkdir(parents=True, exist_ok=True)
+            manifest = {
+                "name": plan.config.name,
+                "kind": plan.config.kind,
+                "status": "running",
+                "fingerprint": plan.fingerprint,
+                "inputs": self._inputs(plan),
+                "started": time.time(),
+            }
+            _write_manifest(plan.dir, manifest)
+            self.log(f"[{plan.config.name}] {'resuming' if resume else 'running'} {plan.config.kind}")
+            _reset_peak()
+            t0 = time.perf_counter()
+            outputs, metrics = getattr(self, f"_run_{plan.config.kind}")(plan, resume)
+            manifest.update(
+                status="done",
+                outputs=outputs,
+                metrics=metrics,
+                wall_s=round(time.perf_counter() - t0, 2),
+                peak_rss_mb=_peak_mb(),
+            )
+            _write_manifest(plan.dir, manifest)
+            self._adopt(plan.config, outputs)
+            summary["stages"].append({"name": plan.config.name, "action": "resumed" if resume else "ran"})
+        from zhtune.pipeline.report import write_report
+
+        summary["report"] = [str(p) for p in write_report(self.config, plans)]
+        return summary
+
+    def _inputs(self, plan: StagePlan) -> dict:
+        inputs = {"model": self.current_model, "data": plan.data_files}
+        if plan.config.kind == "merge":
+            inputs["adapter"] = self.last_adapter
+        return inputs
+
+    def _adopt(self, stage: StageConfig, outputs: dict) -> None:
+        if stage.kind == "sft":
+            self.last_adapter = outputs["adapter"]
+        elif stage.kind == "merge":
+            self.current_model = outputs["model"]
+            self.models[stage.name] = outputs["model"]
+
+    # -- stages -------------------------------------------------------------------------------------------------
+    def _run_sft(self, plan: StagePlan, resume: bool) -> tuple[dict, dict]:
+        from zhtune.config import recipe_from_dict
+        from zhtune.gec.train_eval import build_evaluators
+        from zhtune.train.loop import train
+
+        tree = copy.deepcopy(plan.config.recipe or {})
+        tree.setdefault("model", {})["path"] = self.current_model
+        tree["model"].setdefault("trust_remote_code", self.config.trust_remote_code)
+        tree.setdefault("template", {}).setdefault("name", self.config.template)
+        if self.config.system is not None:
+            tree["template"].setdefault("system", self.config.system)
+        out = plan.dir / "train"
+        tree.setdefault("output", {})["dir"] = str(out)
+        if resume and (out / "checkpoints" / "latest").exists():
+            tree.setdefault("train", {})["resume_from"] = "latest"
+        elif out.exists():
+            shutil.rmtree(out)  # interrupted before its first checkpoint: start the stage over
+        recipe = recipe_from_dict(tree, f"stage {plan.config.name}")
+        summary = train(recipe, build_evaluators(recipe))
+        metrics = {k: v for k, v in summary["last"].items() if isinstance(v, (int, float))}
+        if summary.get("best"):
+            metrics["best"] = summary["best"]
+        return {"adapter": summary["adapter"], "loss_png": summary.get("plot"), "train_dir": str(out)}, metrics
+
+    def _run_merge(self, plan: StagePlan, resume: bool) -> tuple[dict, dict]:
+        from zhtune.merge.merge import merge_adapters
+        from zhtune.merge.verify import verify_merge, write_report
+
+        out = plan.dir / "model"
+        if out.exists():
+            shutil.rmtree(out)
+        t0 = time.perf_counter()
+        result = merge_adapters(self.current_model, [self.last_adapter], out, plan.config.dtype)
+        checks = None
+        if plan.config.verify:
+            checks = verify_merge(
+                Path(self.current_model),
+                [Path(self.last_adapter)],
+                out,
+                plan.config.dtype or "fp32",
+                trust_remote_code=self.config.trust_remote_code,
+            )
+        report = write_report(result, checks, plan.config.dtype, time.perf_counter() - t0 - result.seconds)
+        if report["passed"] is False:
+            failed = [c["check"] for c in report["checks"] if not c["passed"]]
+            raise ZhtuneError(f"stage {plan.config.name}: merge verification failed: {failed}")
+        return {"model": str(out), "merge_report": str(out / "merge_report.json")}, {
+            "verified": report["passed"],
+            "checks": {c["check"]: c["passed"] for c in report["checks"]},
+            "tensors_changed": report["tensors_changed"],
+        }
+
+    def _run_eval_cgec(self, plan: StagePlan, resume: bool) -> tuple[dict, dict]:
+        from zhtune.data.templates import RenderOptions, get_template
+        from zhtune.gec.align import CharAligner
+        from zhtune.gec.correct import correct_rows, read_inputs, write_para
+        from zhtune.gec.scorer import reference_edits, score
+        from zhtune.gec.tables import find_tables, load_tables
+        from zhtune.infer.engine import Generator
+        from zhtune.model.load import load_for_inference
+        from zhtune.model.tokenizer import load_tokenizer
+
+        aligner = CharAligner(*load_tables(str(find_tables())))
+        template = get_template(self.config.template)
+        results: dict[str, dict] = {}
+        named = [("final", self.current_model)] + [(c, self.models[c]) for c in plan.config.compare]
+        for model_name, path in named:
+            tokenizer = load_tokenizer(path, self.config.trust_remote_code)
+            model = load_for_inference(path, trust_remote_code=self.config.trust_remote_code)
+            gen = Generator(model, tokenizer, template, RenderOptions(system=self.config.system))
+            for s in plan.config.sets:
+                rows = read_inputs(s.input)
+                refs = reference_edits(s.ref, aligner)
+                if s.limit:
+                    rows, refs = rows[: s.limit], refs[: s.limit]
+                hyps, stats = correct_rows(gen, rows, plan.config.batch_size)
+                write_para(hyps, plan.dir / f"{model_name}.{s.name}.para")
+                aligner.truncated = 0
+                r = score([(i, src, [h]) for i, src, h in hyps], refs, aligner).as_dict()
+                r["fallbacks"] = {k: v for k, v in stats.items() if k not in ("sentences", "pieces")}
+                results.setdefault(model_name, {})[s.name] = r
+            del model
+        return {"hypotheses": sorted(str(p) for p in plan.dir.glob("*.para"))}, {"cgec": results}
