@@ -227,6 +227,38 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cgec_data(args: argparse.Namespace) -> int:
+    """``zhtune cgec-data``: CGEC corpora -> training JSON Lines, with evaluation-overlap removal reported."""
+    import json
+    from pathlib import Path
+
+    from zhtune.gec.corpora import CGEC_INSTRUCTION, evaluation_sentences, read_cgec, remove_overlap
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ZhtuneError(f"{out} exists; pass --force to overwrite it")
+    rows = [r for path in args.train for r in read_cgec(path)]
+    without_ref = sum(1 for r in rows if not r.refs)
+    rows = [r for r in rows if r.refs]
+    report = {"read": len(rows) + without_ref, "without_reference": without_ref}
+    if args.exclude:
+        rows, removed = remove_overlap(rows, evaluation_sentences(args.exclude))
+        report.update(removed)
+    instruction = args.instruction if args.instruction is not None else CGEC_INSTRUCTION
+    n = 0
+    with out.open("w", encoding="utf-8") as f:
+        for row in rows:
+            for ref in row.refs[:1] if args.refs == "first" else row.refs:
+                f.write(
+                    json.dumps({"instruction": instruction, "input": row.source, "output": ref}, ensure_ascii=False)
+                    + "\n"
+                )
+                n += 1
+    report["samples_written"] = n
+    print(json.dumps(report, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zhtune", description="LoRA tuning, merging and CGEC evaluation for Chinese LLMs."
@@ -289,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--force", action="store_true", help="overwrite --output")
     p.set_defaults(func=correct)
+
+    p = sub.add_parser("cgec-data", help="CGEC corpora (para, M2, FCGEC JSON) -> training JSON Lines")
+    p.add_argument("--train", nargs="+", required=True, help="training corpora: para, char-level M2 or FCGEC JSON")
+    p.add_argument("--exclude", nargs="*", default=[], help="evaluation sets whose sentences must not be trained on")
+    p.add_argument("--out", required=True, help="alpaca-format JSON Lines to write")
+    p.add_argument("--refs", choices=["first", "each"], default="first", help="first reference or one sample each")
+    p.add_argument("--instruction", default=None, help="correction instruction (default: zhtune's)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cgec_data)
 
     p = sub.add_parser("noise", help="make (noisy, clean) CGEC pairs from correct sentences; print the distribution")
     p.add_argument("--input", required=True, help="correct sentences: one per line, or id<TAB>sentence")

@@ -103,3 +103,34 @@ def test_noise_command_writes_pairs_and_stats(tmp_path, capsys):
     lines = [line.split("\t") for line in out.read_text().splitlines()]
     assert [c[2] for c in lines] == ["我们明天去北京看望爷爷。", "他把作业做完了以后才去玩。"]
     assert all(c[1] != c[2] for c in lines)
+
+
+def test_cgec_data_command_removes_eval_overlap(cgec, tmp_path, capsys):
+    train = tmp_path / "train.para"
+    dev_rows = (cgec / "mucgec/MuCGEC_dev.txt").read_text(encoding="utf-8").splitlines()[:5]
+    train.write_text(
+        "\n".join(dev_rows + ["x1\t他很高兴的说。\t他很高兴地说。\t他高兴地说。"]) + "\n", encoding="utf-8"
+    )
+    out = tmp_path / "train.jsonl"
+    assert (
+        main(
+            [
+                "cgec-data",
+                "--train",
+                str(train),
+                "--exclude",
+                str(cgec / "mucgec/MuCGEC_dev.txt"),
+                "--out",
+                str(out),
+                "--refs",
+                "each",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["removed_exact"] == 5 and report["samples_written"] == 2
+    from zhtune.data.formats import load_conversations
+
+    convs, _ = load_conversations([out])
+    assert [c.messages[1].content for c in convs] == ["他很高兴地说。", "他高兴地说。"]
