@@ -116,6 +116,7 @@ class TrainConfig:
     log_every: int = 1
     resume_from: str | None = None
     progress_bar: bool = True
+    chunked_loss: bool = True  # loss without full logits (zhtune.train.loss); False: the plain full-logits loss
 
 
 @dataclass(frozen=True)

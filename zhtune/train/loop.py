@@ -26,6 +26,7 @@ from zhtune.model.checkpoint_files import base_fingerprint, file_sha256
 from zhtune.model.load import attach_lora, fit_embeddings, load_base_model, write_adapter_meta
 from zhtune.model.tokenizer import load_tokenizer
 from zhtune.train.checkpoint import CHECKPOINTS, find_checkpoint, load_checkpoint, save_checkpoint
+from zhtune.train.loss import summed_ce_chunked
 from zhtune.train.metrics import MetricsWriter, plot_loss
 from zhtune.train.schedule import StepSchedule, build_data, collate, supervised_tokens
 
@@ -53,8 +54,12 @@ def _prepare_output(recipe: Recipe) -> tuple[Path, Path | None]:
     return out, None
 
 
-def _forward_loss(model, batch: dict, device) -> torch.Tensor:
+def _forward_loss(model, batch: dict, device, chunked: bool = False) -> torch.Tensor:
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if chunked:
+        loss = summed_ce_chunked(model, inputs, batch["labels"])
+        if loss is not None:
+            return loss
     return summed_cross_entropy(model(**inputs).logits, batch["labels"])
 
 
@@ -154,7 +159,8 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
             units = [data.train_units[i] for i in mb]
             sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
             with sync:
-                ce = _forward_loss(model, collate(units, data.packed, data.pad_id, mask_dtype), accelerator.device)
+                batch = collate(units, data.packed, data.pad_id, mask_dtype)
+                ce = _forward_loss(model, batch, accelerator.device, cfg.chunked_loss)
                 # DDP averages gradients over ranks; scaling by world size makes the result sum / all tokens.
                 accelerator.backward(ce * accelerator.num_processes / max(n_tok, 1))
             loss_sum += ce.detach()
