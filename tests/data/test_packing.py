@@ -90,3 +90,20 @@ def test_logits_do_not_depend_on_neighbouring_documents(model):
 def test_oversized_sample_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
         pack_samples([TokenizedSample([1] * 10, [1] * 10, "f.json:3")], row_len=8, pad_id=0)
+
+
+def test_position_ids_alone_give_document_blocks_with_flex_attention(tmp_path):
+    """Without a mask, transformers derives the blocks from restarting position ids (the flex-attention path)."""
+    model = tiny_qwen2(tmp_path / "flex", VOCAB, attn="flex_attention")
+    doc = list(range(10, 30))
+    other = list(range(40, 70))
+    rows = pack_samples([TokenizedSample(other, other), TokenizedSample(doc, doc)], 64, 0)
+    batch = collate_packed(rows, None)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        # use_cache=False as in training: with a cache transformers does not look for packed sequences
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[
+            0, 30:50
+        ]
+        alone = model(input_ids=torch.tensor([doc])).logits[0]
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)

@@ -88,15 +88,20 @@ def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype = torch.float32)
     return mask[:, None]
 
 
-def collate_packed(rows: Sequence[PackedRow], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Stack packed rows into model inputs (``input_ids``, ``labels``, ``position_ids``, 4D ``attention_mask``)."""
-    seq_ids = torch.tensor([r.seq_ids for r in rows])
-    return {
+def collate_packed(rows: Sequence[PackedRow], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """Stack packed rows into model inputs (``input_ids``, ``labels``, ``position_ids``, 4D ``attention_mask``).
+
+    With ``dtype=None`` no mask is built: transformers then derives the document blocks from the restarting
+    ``position_ids`` itself, which flex attention turns into a block-sparse mask that skips cross-document tiles.
+    """
+    batch = {
         "input_ids": torch.tensor([r.input_ids for r in rows]),
         "labels": torch.tensor([r.labels for r in rows]),
         "position_ids": torch.tensor([r.position_ids for r in rows]),
-        "attention_mask": block_causal_mask(seq_ids, dtype),
     }
+    if dtype is not None:
+        batch["attention_mask"] = block_causal_mask(torch.tensor([r.seq_ids for r in rows]), dtype)
+    return batch
 
 
 def collate_padded(samples: Sequence[TokenizedSample], pad_id: int) -> dict[str, torch.Tensor]:

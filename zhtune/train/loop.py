@@ -60,7 +60,7 @@ def _forward_loss(model, batch: dict, device, chunked: bool = False) -> torch.Te
         loss = summed_ce_chunked(model, inputs, batch["labels"])
         if loss is not None:
             return loss
-    return summed_cross_entropy(model(**inputs).logits, batch["labels"])
+    return summed_cross_entropy(model(**inputs, use_cache=False).logits, batch["labels"])
 
 
 @torch.no_grad()
@@ -131,8 +131,9 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else round(cfg.warmup_ratio * total_steps)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    sdpa = getattr(accelerator.unwrap_model(model).config, "_attn_implementation", "eager") == "sdpa"
-    mask_dtype = torch.bool if sdpa else torch.float32
+    attn = getattr(accelerator.unwrap_model(model).config, "_attn_implementation", "eager")
+    # SDPA takes a boolean block mask; flex attention builds its block-sparse mask from the position ids
+    mask_dtype = {"sdpa": torch.bool, "flex_attention": None}.get(attn, torch.float32)
 
     step = load_checkpoint(resume, accelerator.unwrap_model(model), optimizer, scheduler) if resume else 0
     if main:

@@ -35,7 +35,7 @@ def _chunk_ce(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
-def summed_ce_chunked(model, inputs: dict, labels: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor | None:
+def summed_ce_chunked(model, inputs: dict, labels: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor | None:
     """Summed next-token cross-entropy over supervised positions; None when the fast path does not apply."""
     global _warned
     norm = _final_norm(model)
@@ -50,7 +50,7 @@ def summed_ce_chunked(model, inputs: dict, labels: torch.Tensor, chunk_tokens: i
     captured = {}
     handle = norm.register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", out))
     try:
-        out = model(**inputs, logits_to_keep=1)
+        out = model(**inputs, logits_to_keep=1, use_cache=False)
     finally:
         handle.remove()
     hidden = captured["h"][:, :-1]
