@@ -6,10 +6,10 @@ tokenizer and the qwen template (``--lengths``, a JSON file of ``[tokens, superv
 speed). Model: randomly initialised Qwen2.5 of the real shape (``--shape 0.5b|7b``), bf16, LoRA r=16 on all linear
 layers.
 
-* plain: transformers + peft, SDPA, gradient checkpointing, random-order batches padded to their longest sample,
-  the model's own loss (full logits).
-* zhtune: packed rows without cross-document attention (block mask), loss at supervised positions only in chunks
-  (no full logits), with and without gradient checkpointing.
+* plain: transformers + peft, SDPA, bf16 autocast (as the HF Trainer runs it), random-order batches padded to their
+  longest sample, the model's own loss (full logits), with and without gradient checkpointing.
+* zhtune: packed rows without cross-document attention (SDPA block mask, or flex attention from position ids), loss
+  at supervised positions only in chunks (no full logits), no per-call fp32 cast of LoRA inputs, bf16 autocast.
 
 Reported per configuration: effective (non-pad) tokens/s, MFU (model FLOPs = forward + input-gradient matmuls + causal
 attention, recomputation not counted, over 790 TFLOP/s), peak memory; plus a loss-parity run (same samples per step,
@@ -155,10 +155,12 @@ def run_zhtune(
     mask_dtype=torch.bool,
 ):
     from zhtune.data.packing import collate_packed, pack_samples
+    from zhtune.train.loop import disable_lora_input_casting
     from zhtune.train.loss import summed_ce_chunked
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     _set_checkpointing(model, checkpointing)
+    disable_lora_input_casting(model)
     packed = pack_samples(samples, row_len, 0)
     random.Random(1).shuffle(packed)
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
@@ -171,7 +173,8 @@ def run_zhtune(
         b = collate_packed(units, mask_dtype)
         inputs = {k: v.to(device) for k, v in b.items() if k != "labels"}
         n_sup = int((b["labels"][:, 1:] != -100).sum())
-        loss = summed_ce_chunked(model, inputs, b["labels"]) / n_sup
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = summed_ce_chunked(model, inputs, b["labels"]) / n_sup
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -183,28 +186,29 @@ def run_zhtune(
 def loss_parity(shape, samples, steps: int, batch: int, device: str) -> dict:
     """Same samples each step: plain (padded, full logits) vs fast (packed, chunked); per-step relative difference."""
     from zhtune.data.packing import collate_packed, collate_padded, pack_samples
-    from zhtune.train.loop import summed_cross_entropy
+    from zhtune.train.loop import disable_lora_input_casting, summed_cross_entropy
     from zhtune.train.loss import summed_ce_chunked
 
     curves = {}
     for mode in ("plain", "fast"):
         model = build(shape, device)
         _set_checkpointing(model, True)
+        if mode == "fast":
+            disable_lora_input_casting(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
         curve = []
         for step in range(steps):
             chunk = samples[step * batch : (step + 1) * batch]
             n_sup = sum(sum(label != -100 for label in s.labels[1:]) for s in chunk)
-            if mode == "plain":
-                b = collate_padded(chunk, 0)
-                logits = model(
-                    input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)
-                ).logits
-                loss = summed_cross_entropy(logits, b["labels"].to(device)) / n_sup
-            else:
-                b = collate_packed(pack_samples(chunk, 2048, 0), torch.bool)
-                inputs = {k: v.to(device) for k, v in b.items() if k != "labels"}
-                loss = summed_ce_chunked(model, inputs, b["labels"]) / n_sup
+            with torch.autocast(device, dtype=torch.bfloat16):
+                if mode == "plain":
+                    b = collate_padded(chunk, 0)
+                    inputs = {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)}
+                    loss = summed_cross_entropy(model(**inputs).logits, b["labels"].to(device)) / n_sup
+                else:
+                    b = collate_packed(pack_samples(chunk, 2048, 0), torch.bool)
+                    inputs = {k: v.to(device) for k, v in b.items() if k != "labels"}
+                    loss = summed_ce_chunked(model, inputs, b["labels"]) / n_sup
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -54,6 +54,15 @@ def _prepare_output(recipe: Recipe) -> tuple[Path, Path | None]:
     return out, None
 
 
+def disable_lora_input_casting(model) -> None:
+    """Turn off peft's per-call cast of LoRA inputs to the adapter weights' dtype (autocast handles dtypes)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
 def _forward_loss(model, batch: dict, device, chunked: bool = False) -> torch.Tensor:
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     if chunked:
@@ -122,6 +131,10 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trainable weights and optimizer state in fp32, whatever the base dtype
+    if recipe.model.dtype != "fp32":
+        # Under autocast the LoRA matmuls run in bf16/fp16 anyway; peft's own cast of every input to the fp32 adapter
+        # dtype only adds full-size copies (16% of GPU time on a 7B step, measured in benchmarks/).
+        disable_lora_input_casting(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = StepSchedule(
