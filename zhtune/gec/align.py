@@ -270,53 +270,45 @@ def merge_alignment(align: list[tuple], src: list[str], tgt: list[str]) -> list[
     filtered: list[tuple] = []
     i = 0
     while i < len(edits):
-        e1 = edits[i][0][0]
-        if i < len(edits) - 2:
-            e2, e3 = edits[i + 1][0][0], edits[i + 2][0][0]
-            if e1 == "S" and e2 == "M" and e3 == "S":
-                w1 = "".join(src[edits[i][1] : edits[i][2]])
-                w2 = "".join(tgt[edits[i][3] : edits[i][4]])
-                w3 = "".join(src[edits[i + 2][1] : edits[i + 2][2]])
-                w4 = "".join(tgt[edits[i + 2][3] : edits[i + 2][4]])
-                if min(len(w1), len(w2), len(w3), len(w4)) == 1:
-                    swap = w1 == w4 and w2 == w3
-                else:
-                    swap = _levenshtein(w1, w4) <= 1 and _levenshtein(w2, w3) <= 1
-                if swap:
-                    filtered += _merge(edits[i : i + 3], "T" + str(edits[i + 2][2] - edits[i][1]))
-                    i += 3
-                else:
-                    filtered.append(edits[i])
-                    i += 1
-                continue
-            if (e1 == "D" and (e2 == "M" or e2.startswith("T")) and e3 == "I") or (
-                e1 == "I" and (e2 == "M" or e2.startswith("T")) and e3 == "D"
-            ):
-                if e1 == "D":
-                    a = "".join(src[edits[i][1] : edits[i][2]])
-                    b = "".join(tgt[edits[i + 2][3] : edits[i + 2][4]])
-                else:
-                    a = "".join(src[edits[i + 2][1] : edits[i + 2][2]])
-                    b = "".join(tgt[edits[i][3] : edits[i][4]])
-                if len(a) < len(b):
-                    a, b = b, a
-                swap = False
-                if a not in _MERGE_PUNCT and b not in _MERGE_PUNCT and len(a) - len(b) <= 1:
-                    if len(b) == 1:
-                        swap = a == b
-                    else:
-                        swap = _levenshtein(a, b) <= 1 or (len(a) == len(b) and b in a + a)
-                if swap:
-                    filtered += _merge(edits[i : i + 3], "T" + str(edits[i + 2][2] - edits[i][1]))
-                    i += 3
-                else:
-                    filtered.append(edits[i])
-                    i += 1
-                continue
-        if e1 != "M":
+        swap = _swap_pattern(edits, i, src, tgt) if i < len(edits) - 2 else None
+        if swap is True:  # "S M S" or "D M I" / "I M D" that moves the same characters: one word-order edit
+            filtered += _merge(edits[i : i + 3], "T" + str(edits[i + 2][2] - edits[i][1]))
+            i += 3
+            continue
+        if swap is False or edits[i][0][0] != "M":
             filtered.append(edits[i])
         i += 1
     return [e for e in (_trim_overlap(e, src, tgt) for e in filtered) if e is not None]
+
+
+def _swap_pattern(edits: list[tuple], i: int, src: list[str], tgt: list[str]) -> bool | None:
+    """Whether edits ``i..i+2`` form a swap ChERRANT merges; None when they are not one of its patterns."""
+    e1, e2, e3 = edits[i][0][0], edits[i + 1][0][0], edits[i + 2][0][0]
+    if e1 == "S" and e2 == "M" and e3 == "S":
+        w1 = "".join(src[edits[i][1] : edits[i][2]])
+        w2 = "".join(tgt[edits[i][3] : edits[i][4]])
+        w3 = "".join(src[edits[i + 2][1] : edits[i + 2][2]])
+        w4 = "".join(tgt[edits[i + 2][3] : edits[i + 2][4]])
+        if min(len(w1), len(w2), len(w3), len(w4)) == 1:
+            return w1 == w4 and w2 == w3
+        return _levenshtein(w1, w4) <= 1 and _levenshtein(w2, w3) <= 1
+    if (e1 == "D" and (e2 == "M" or e2.startswith("T")) and e3 == "I") or (
+        e1 == "I" and (e2 == "M" or e2.startswith("T")) and e3 == "D"
+    ):
+        if e1 == "D":
+            a = "".join(src[edits[i][1] : edits[i][2]])
+            b = "".join(tgt[edits[i + 2][3] : edits[i + 2][4]])
+        else:
+            a = "".join(src[edits[i + 2][1] : edits[i + 2][2]])
+            b = "".join(tgt[edits[i][3] : edits[i][4]])
+        if len(a) < len(b):
+            a, b = b, a
+        if a not in _MERGE_PUNCT and b not in _MERGE_PUNCT and len(a) - len(b) <= 1:
+            if len(b) == 1:
+                return a == b
+            return _levenshtein(a, b) <= 1 or (len(a) == len(b) and b in a + a)
+        return False
+    return None
 
 
 def _trim_overlap(edit: tuple, src: list[str], tgt: list[str]) -> tuple | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from zhtune.errors import ConfigError
+from zhtune.memory import peak_rss_mb, reset_peak_rss, rss_mb
 from zhtune.merge.adapter import Adapter, apply_delta, read_adapter
 from zhtune.model.checkpoint_files import base_fingerprint, tensor_headers, weight_shards
 
@@ -60,32 +60,6 @@ class MergeResult:
     peak_rss_growth_mb: float = 0.0
     config_changes: dict = field(default_factory=dict)
     template: str | None = None  # the chat template the last adapter was trained with (zhtune metadata)
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _reset_peak_rss() -> None:
-    # Linux: writing 5 to clear_refs resets the peak-RSS mark (VmHWM), which is otherwise inherited from whatever
-    # the process did before (even from its parent across fork+exec).
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _check_out(out: Path) -> None:
@@ -155,8 +129,8 @@ def merge_adapters(
         ConfigError: bad output folder, mismatched base, an inconsistent adapter, or NaN/Inf in a merged tensor
             (each message names the tensor or folder).
     """
-    _reset_peak_rss()
-    start, rss0 = time.perf_counter(), _rss_mb()
+    reset_peak_rss()
+    start, rss0 = time.perf_counter(), rss_mb()
     base, out = Path(base), Path(out)
     _check_out(out)
     if not adapter_paths:
@@ -191,7 +165,7 @@ def merge_adapters(
         shards=len(shards),
         tensors_changed=changed,
         seconds=time.perf_counter() - start,
-        peak_rss_growth_mb=max(0.0, _peak_rss_mb() - rss0),
+        peak_rss_growth_mb=max(0.0, peak_rss_mb() - rss0),
         config_changes=changes,
         template=next((a.meta["template"] for a in reversed(adapters) if a.meta.get("template")), None),
     )

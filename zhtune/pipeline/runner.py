@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zhtune.errors import ZhtuneError
+from zhtune.memory import peak_rss_mb, reset_peak_rss
 from zhtune.model.checkpoint_files import base_fingerprint, file_sha256
 from zhtune.pipeline.config import PipelineConfig, StageConfig
 
@@ -98,22 +99,6 @@ def stage_states(config: PipelineConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
-
-
 class PipelineRunner:
     """Holds the lineage while stages run: the current model, the last adapter, named models for comparison."""
 
@@ -149,7 +134,7 @@ class PipelineRunner:
             }
             _write_manifest(plan.dir, manifest)
             self.log(f"[{plan.config.name}] {'resuming' if resume else 'running'} {plan.config.kind}")
-            _reset_peak()
+            reset_peak_rss()
             t0 = time.perf_counter()
             outputs, metrics = getattr(self, f"_run_{plan.config.kind}")(plan, resume)
             manifest.update(
@@ -157,7 +142,7 @@ class PipelineRunner:
                 outputs=outputs,
                 metrics=metrics,
                 wall_s=round(time.perf_counter() - t0, 2),
-                peak_rss_mb=_peak_mb(),
+                peak_rss_mb=peak_rss_mb(),
             )
             _write_manifest(plan.dir, manifest)
             self._adopt(plan.config, outputs)
