@@ -150,3 +150,16 @@ def test_cli_json_contract(cgec, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0
     assert {"tp", "fp", "fn", "precision", "recall", "f0.5"} <= set(out)
+
+
+def test_missing_tables_fall_back_to_empty_for_in_training_use(tmp_path):
+    from zhtune.gec.tables import tables_or_empty
+
+    semantic, confusion, folder = tables_or_empty(tmp_path / "nowhere")
+    assert (semantic, confusion, folder) == ({}, {}, None)
+    # the scorer itself insists on the real tables
+    from zhtune.errors import ConfigError
+    from zhtune.gec.tables import find_tables
+
+    with pytest.raises(ConfigError, match="cilin.txt"):
+        find_tables(tmp_path / "nowhere")

@@ -58,3 +58,15 @@ def load_tables(folder: str) -> tuple[dict[str, str], dict[str, list[str]]]:
             parts = line.rstrip("\n").split(" ")
             confusion[parts[0]] = parts[1:]
     return semantic, confusion
+
+
+def tables_or_empty(explicit: str | Path | None = None) -> tuple[dict, dict, str | None]:
+    """``(semantic, confusion, folder)``; without the tables, empty ones and ``None`` (scores then approximate
+    ChERRANT: every substitution gets the unknown-class semantic cost). For in-training and demo evaluation, where a
+    missing download should not stop the run; ``zhtune score`` insists on the real tables."""
+    try:
+        folder = find_tables(explicit)
+    except ConfigError:
+        return {}, {}, None
+    semantic, confusion = load_tables(str(folder))
+    return semantic, confusion, str(folder)

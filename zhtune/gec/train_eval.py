@@ -14,7 +14,7 @@ from zhtune.gec.align import CharAligner
 from zhtune.gec.corpora import CGEC_INSTRUCTION, read_cgec
 from zhtune.gec.correct import correct_rows, write_para
 from zhtune.gec.scorer import reference_edits, score
-from zhtune.gec.tables import find_tables, load_tables
+from zhtune.gec.tables import tables_or_empty
 from zhtune.infer.engine import Generator
 
 
@@ -27,7 +27,7 @@ class CgecEvaluator:
         self.config, self.template, self.options = config, template, options
         self.every = config.every
         self.out_dir = Path(out_dir) / "cgec_eval"
-        semantic, confusion = load_tables(str(find_tables()))
+        semantic, confusion, self.tables = tables_or_empty()
         self.aligner = CharAligner(semantic, confusion)
         rows = read_cgec(config.data)[: config.limit]
         self.rows = [(r.id, r.source) for r in rows]

@@ -92,7 +92,7 @@ def _sections(config: PipelineConfig, plans) -> list[tuple[str, str, list[Path]]
                         sum(r["fallbacks"].values()),
                     ]
                 )
-        body = _table(
+        body = f"Scorer: {m['metrics'].get('scorer', 'ChERRANT char-level')}.\n\n" + _table(
             ["model", "set", "sentences", "TP", "FP", "FN", "P", "R", "F0.5", "over-correction", "fallbacks"], rows
         )
         gains = []

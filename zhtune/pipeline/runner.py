@@ -223,12 +223,13 @@ class PipelineRunner:
         from zhtune.gec.align import CharAligner
         from zhtune.gec.correct import correct_rows, read_inputs, write_para
         from zhtune.gec.scorer import reference_edits, score
-        from zhtune.gec.tables import find_tables, load_tables
+        from zhtune.gec.tables import tables_or_empty
         from zhtune.infer.engine import Generator
         from zhtune.model.load import load_for_inference
         from zhtune.model.tokenizer import load_tokenizer
 
-        aligner = CharAligner(*load_tables(str(find_tables())))
+        semantic, confusion, tables = tables_or_empty()
+        aligner = CharAligner(semantic, confusion)
         template = get_template(self.config.template)
         results: dict[str, dict] = {}
         named = [("final", self.current_model)] + [(c, self.models[c]) for c in plan.config.compare]
@@ -248,4 +249,5 @@ class PipelineRunner:
                 r["fallbacks"] = {k: v for k, v in stats.items() if k not in ("sentences", "pieces")}
                 results.setdefault(model_name, {})[s.name] = r
             del model
-        return {"hypotheses": sorted(str(p) for p in plan.dir.glob("*.para"))}, {"cgec": results}
+        scorer = "ChERRANT char-level" if tables else "ChERRANT char-level, approximate (tables not found)"
+        return {"hypotheses": sorted(str(p) for p in plan.dir.glob("*.para"))}, {"cgec": results, "scorer": scorer}
