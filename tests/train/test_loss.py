@@ -40,3 +40,29 @@ def test_chunked_loss_and_grads_equal_plain(arch, tmp_path):
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     for name in g_plain:
         torch.testing.assert_close(g_fast[name], g_plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_sees_through_a_ddp_wrapper(tmp_path, monkeypatch):
+    """Under DistributedDataParallel the model sits in ``.module``: the fast path must still apply."""
+    import zhtune.train.loss as loss_mod
+
+    model = get_peft_model(
+        load_fp32(tiny_model_dir(tmp_path / "m", "qwen2")),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+
+    class Wrapper(torch.nn.Module):  # the shape of DDP: forward delegates, the model is in .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    monkeypatch.setattr(loss_mod, "_warned", False)
+    ids = torch.randint(1, 256, (1, 24))
+    labels = ids.clone()
+    inputs = {"input_ids": ids}
+    fast = summed_ce_chunked(Wrapper(model), inputs, labels)
+    assert fast is not None
+    torch.testing.assert_close(fast, summed_cross_entropy(model(**inputs).logits, labels), rtol=1e-5, atol=1e-5)

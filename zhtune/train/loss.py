@@ -21,7 +21,7 @@ _warned = False
 
 def _final_norm(model):
     """The module whose output feeds the LM head (``model.norm`` in Llama/Qwen/GLM families), or None."""
-    inner = model
+    inner = getattr(model, "module", model)  # DistributedDataParallel (and accelerate's wrappers) keep it in .module
     for attr in ("base_model", "model"):  # peft wrapper, then the *ForCausalLM
         inner = getattr(inner, attr, inner)
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "model", None)
@@ -39,7 +39,8 @@ def summed_ce_chunked(model, inputs: dict, labels: torch.Tensor, chunk_tokens: i
     """Summed next-token cross-entropy over supervised positions; None when the fast path does not apply."""
     global _warned
     norm = _final_norm(model)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if norm is None or head is None:
         if not _warned:
             log.warning(
