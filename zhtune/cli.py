@@ -9,6 +9,14 @@ from zhtune import __version__
 from zhtune.errors import ZhtuneError
 
 
+def _refuse_overwrite(path: str | None, force: bool) -> None:
+    """Stop before any work when an output file exists and --force was not given (user data is never overwritten)."""
+    from pathlib import Path
+
+    if path and Path(path).exists() and not force:
+        raise ZhtuneError(f"{path} exists; pass --force to overwrite it")
+
+
 def render(args: argparse.Namespace) -> int:
     """``zhtune render``: print rendered samples with supervised spans highlighted, or write ids/labels."""
     from zhtune.config import DataConfig, TokenizeConfig
@@ -18,6 +26,7 @@ def render(args: argparse.Namespace) -> int:
     from zhtune.data.tokenize import tokenize_dataset
     from zhtune.model.tokenizer import load_tokenizer
 
+    _refuse_overwrite(args.out, args.force)
     template = get_template(args.template)
     tokenizer = load_tokenizer(args.tokenizer, trust_remote_code=args.trust_remote_code)
     data_cfg = DataConfig(paths=tuple(args.data), format=args.format, on_error=args.on_error)
@@ -33,10 +42,7 @@ def render(args: argparse.Namespace) -> int:
     options = RenderOptions(system=args.system, enable_thinking=args.enable_thinking)
     samples, report = tokenize_dataset(convs, tokenizer, template, tok_cfg, options)
     if args.out:
-        try:
-            write_jsonl(samples, args.out, overwrite=args.force)
-        except FileExistsError as exc:
-            raise ZhtuneError(str(exc)) from None
+        write_jsonl(samples, args.out, overwrite=True)  # refused above, before any work, unless --force
         print(f"wrote {len(samples)} samples to {args.out}", file=sys.stderr)
     else:
         color = sys.stdout.isatty() if args.color == "auto" else args.color == "always"
@@ -148,8 +154,7 @@ def correct(args: argparse.Namespace) -> int:
     from zhtune.model.load import load_for_inference, recorded_template
     from zhtune.model.tokenizer import load_tokenizer
 
-    if Path(args.output).exists() and not args.force:
-        raise ZhtuneError(f"{args.output} exists; pass --force to overwrite it")
+    _refuse_overwrite(args.output, args.force)
     name = args.template or recorded_template(args.model, args.adapter)
     if not name:
         raise ZhtuneError("no template recorded with this model or adapter; pass --template NAME")
@@ -181,8 +186,7 @@ def noise(args: argparse.Namespace) -> int:
     from zhtune.gec.correct import read_inputs
     from zhtune.gec.noise import NoiseGenerator, noise_stats
 
-    if args.output and Path(args.output).exists() and not args.force:
-        raise ZhtuneError(f"{args.output} exists; pass --force to overwrite it")
+    _refuse_overwrite(args.output, args.force)
     gen = NoiseGenerator(args.seed)
     rows = read_inputs(args.input)
     results = [(rid, *gen.corrupt(src), src) for rid, src in rows]
@@ -234,9 +238,8 @@ def cgec_data(args: argparse.Namespace) -> int:
 
     from zhtune.gec.corpora import CGEC_INSTRUCTION, evaluation_sentences, read_cgec, remove_overlap
 
+    _refuse_overwrite(args.out, args.force)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ZhtuneError(f"{out} exists; pass --force to overwrite it")
     rows = [r for path in args.train for r in read_cgec(path)]
     without_ref = sum(1 for r in rows if not r.refs)
     rows = [r for r in rows if r.refs]

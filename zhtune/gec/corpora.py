@@ -18,11 +18,12 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from zhtune.config import DataConfig
 from zhtune.data.conversation import Conversation, Message
+from zhtune.data.formats import UNANNOTATABLE
 from zhtune.errors import DataError
 
-UNANNOTATABLE = "无法标注"
-CGEC_INSTRUCTION = "请改正下面句子中的语法错误，只输出改正后的句子。"
+CGEC_INSTRUCTION = DataConfig.cgec_instruction  # one default instruction for data loading, training and correction
 
 
 @dataclass(frozen=True)

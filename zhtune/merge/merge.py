@@ -279,11 +279,16 @@ def _write_config(base: Path, out: Path, adapters: list[Adapter], target, weight
     return changes
 
 
+def tokenizer_source(base: Path, adapter_paths: list[Path]) -> Path:
+    """Where the merged model's tokenizer comes from: the last adapter that ships one (an extended vocabulary
+    does), else the base."""
+    return next((p for p in reversed(adapter_paths) if any((p / f).exists() for f in TOKENIZER_FILES)), base)
+
+
 def _copy_side_files(base: Path, out: Path, adapters: list[Adapter]) -> None:
     if (base / "generation_config.json").exists():
         shutil.copy(base / "generation_config.json", out / "generation_config.json")
-    # The tokenizer comes from the base unless an adapter ships its own (an extended vocabulary does).
-    source = next((a.path for a in reversed(adapters) if any((a.path / f).exists() for f in TOKENIZER_FILES)), base)
+    source = tokenizer_source(base, [a.path for a in adapters])
     for f in TOKENIZER_FILES:
         if (source / f).exists():
             shutil.copy(source / f, out / f)

@@ -115,9 +115,9 @@ def verify_merge(
 
 
 def _tokenizer_check(base: Path, adapter_paths: list[Path], out: Path) -> dict:
-    from zhtune.merge.merge import TOKENIZER_FILES
+    from zhtune.merge.merge import TOKENIZER_FILES, tokenizer_source
 
-    source = next((p for p in reversed(adapter_paths) if any((p / f).exists() for f in TOKENIZER_FILES)), base)
+    source = tokenizer_source(base, adapter_paths)
     missing = [f for f in TOKENIZER_FILES if (source / f).exists() and not (out / f).exists()]
     differ = [
         f
