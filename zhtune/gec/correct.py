@@ -93,3 +93,25 @@ def correct_rows(
 
 def write_para(rows: list[tuple[str, str, str]], path: str | Path) -> None:
     Path(path).write_text("".join(f"{i}\t{s}\t{h}\n" for i, s, h in rows), encoding="utf-8")
+
+
+def correct_and_score(
+    generator: Generator,
+    rows: list[tuple[str, str]],
+    refs: list,
+    aligner,
+    out_para: str | Path,
+    batch_size: int = 16,
+    instruction: str = CGEC_INSTRUCTION,
+) -> dict:
+    """Correct ``rows``, write the hypotheses to ``out_para`` and score them against ``refs`` (per-sentence reference
+    edits); the score dict gains ``fallbacks`` (outputs replaced by their source, by reason)."""
+    from zhtune.gec.scorer import score
+
+    hyps, stats = correct_rows(generator, rows, batch_size, instruction)
+    Path(out_para).parent.mkdir(parents=True, exist_ok=True)
+    write_para(hyps, out_para)
+    aligner.truncated = 0
+    result = score([(i, src, [h]) for i, src, h in hyps], refs, aligner).as_dict()
+    result["fallbacks"] = {k: v for k, v in stats.items() if k not in ("sentences", "pieces")}
+    return result

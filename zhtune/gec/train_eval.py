@@ -12,8 +12,8 @@ from zhtune.config import CgecEvalConfig
 from zhtune.data.templates import RenderOptions, Template
 from zhtune.gec.align import CharAligner
 from zhtune.gec.corpora import CGEC_INSTRUCTION, read_cgec
-from zhtune.gec.correct import correct_rows, write_para
-from zhtune.gec.scorer import reference_edits, score
+from zhtune.gec.correct import correct_and_score
+from zhtune.gec.scorer import reference_edits
 from zhtune.gec.tables import tables_or_empty
 from zhtune.infer.engine import Generator
 
@@ -38,11 +38,16 @@ class CgecEvaluator:
     def __call__(self, model, tokenizer, step: int) -> dict:
         generator = Generator(model, tokenizer, self.template, self.options)
         instruction = self.config.instruction if self.config.instruction is not None else CGEC_INSTRUCTION
-        hyps, stats = correct_rows(generator, self.rows, self.config.batch_size, instruction)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_para(hyps, self.out_dir / f"step-{step:07d}.para")
-        result = score([(i, s, [h]) for i, s, h in hyps], self.refs, self.aligner).as_dict()
-        fallbacks = sum(v for k, v in stats.items() if k not in ("sentences", "pieces"))
+        result = correct_and_score(
+            generator,
+            self.rows,
+            self.refs,
+            self.aligner,
+            self.out_dir / f"step-{step:07d}.para",
+            self.config.batch_size,
+            instruction,
+        )
+        fallbacks = sum(result["fallbacks"].values())
         return {
             "cgec_precision": result["precision"],
             "cgec_recall": result["recall"],

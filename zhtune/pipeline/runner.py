@@ -221,8 +221,8 @@ class PipelineRunner:
     def _run_eval_cgec(self, plan: StagePlan, resume: bool) -> tuple[dict, dict]:
         from zhtune.data.templates import RenderOptions, get_template
         from zhtune.gec.align import CharAligner
-        from zhtune.gec.correct import correct_rows, read_inputs, write_para
-        from zhtune.gec.scorer import reference_edits, score
+        from zhtune.gec.correct import correct_and_score, read_inputs
+        from zhtune.gec.scorer import reference_edits
         from zhtune.gec.tables import tables_or_empty
         from zhtune.infer.engine import Generator
         from zhtune.model.load import load_for_inference
@@ -242,11 +242,8 @@ class PipelineRunner:
                 refs = reference_edits(s.ref, aligner)
                 if s.limit:
                     rows, refs = rows[: s.limit], refs[: s.limit]
-                hyps, stats = correct_rows(gen, rows, plan.config.batch_size)
-                write_para(hyps, plan.dir / f"{model_name}.{s.name}.para")
-                aligner.truncated = 0
-                r = score([(i, src, [h]) for i, src, h in hyps], refs, aligner).as_dict()
-                r["fallbacks"] = {k: v for k, v in stats.items() if k not in ("sentences", "pieces")}
+                out_para = plan.dir / f"{model_name}.{s.name}.para"
+                r = correct_and_score(gen, rows, refs, aligner, out_para, plan.config.batch_size)
                 results.setdefault(model_name, {})[s.name] = r
             del model
         scorer = "ChERRANT char-level" if tables else "ChERRANT char-level, approximate (tables not found)"
