@@ -66,9 +66,15 @@ class ModelConfig:
     path: str = ""
     tokenizer: str | None = None  # defaults to ``path``
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    attn_implementation: str = "sdpa"
+    # auto: flex attention for packed training on CUDA, SDPA elsewhere; or any transformers name (sdpa, eager, ...)
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = True
+    # with gradient_checkpointing: the share of decoder layers (the first ones) that recompute their activations;
+    # lower is faster and takes more memory (benchmarks/results/train_throughput-7b.json)
+    checkpoint_fraction: float = 1.0
+    # "4bit": QLoRA, the frozen base in NF4 (double quantization) through bitsandbytes, computing in ``dtype``
+    quantization: Literal["none", "4bit"] = "none"
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,9 @@ class TrainConfig:
     resume_from: str | None = None
     progress_bar: bool = True
     chunked_loss: bool = True  # loss without full logits (zhtune.train.loss); False: the plain full-logits loss
+    # the fast path (zhtune.train.fast): fused LoRA layers, liger RMSNorm/SwiGLU/RoPE on CUDA, flex attention for
+    # packed rows on CUDA (model.attn_implementation: auto), the chunked loss; false: peft + transformers as they are
+    fast_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -261,6 +270,8 @@ def recipe_from_dict(tree: dict, where: str = "recipe") -> Recipe:
         raise ConfigError(f"{where}: model.path is required (a local checkpoint folder)")
     if not recipe.data.paths:
         raise ConfigError(f"{where}: data.paths is required (one or more data files)")
+    if not 0.0 <= recipe.model.checkpoint_fraction <= 1.0:
+        raise ConfigError(f"{where}: model.checkpoint_fraction must be between 0 and 1")
     if recipe.eval.cgec is not None and not recipe.eval.cgec.data:
         raise ConfigError(f"{where}: eval.cgec.data is required (a dev para or M2 file)")
     if recipe.lora.init_adapter is not None and not recipe.lora.init_adapter.path:

@@ -13,13 +13,20 @@ from zhtune.train.loop import summed_cross_entropy
 from zhtune.train.loss import summed_ce_chunked
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm"])
-def test_chunked_loss_and_grads_equal_plain(arch, tmp_path):
+@pytest.mark.parametrize(
+    "arch,head", [("qwen2", "frozen"), ("llama", "frozen"), ("glm", "frozen"), ("llama", "trained")]
+)
+def test_chunked_loss_and_grads_equal_plain(arch, head, tmp_path):
+    """A frozen head takes the fused linear-cross-entropy; a trained head (modules_to_save) the checkpointed chunks."""
+    import zhtune.train.loss as loss_mod
+
     torch.manual_seed(0)
+    extra = {"modules_to_save": ["lm_head"]} if head == "trained" else {}
     model = get_peft_model(
         load_fp32(tiny_model_dir(tmp_path / "m", arch)),
-        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, **extra),
     )
+    assert loss_mod._fusable_head(model.get_output_embeddings()) == (head == "frozen")
     g = torch.Generator().manual_seed(1)
     samples = []
     for n in (20, 33, 9, 41):
@@ -40,6 +47,10 @@ def test_chunked_loss_and_grads_equal_plain(arch, tmp_path):
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
     for name in g_plain:
         torch.testing.assert_close(g_fast[name], g_plain[name], rtol=1e-4, atol=1e-6)
+    if head == "trained":
+        assert g_fast["base_model.model.lm_head.modules_to_save.default.weight"].abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(summed_ce_chunked(model, inputs, batch["labels"]), plain, rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_loss_sees_through_a_ddp_wrapper(tmp_path, monkeypatch):

@@ -88,19 +88,23 @@ def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype = torch.float32)
     return mask[:, None]
 
 
-def collate_packed(rows: Sequence[PackedRow], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+def collate_packed(
+    rows: Sequence[PackedRow], dtype: torch.dtype | None = torch.float32, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
     """Stack packed rows into model inputs (``input_ids``, ``labels``, ``position_ids``, 4D ``attention_mask``).
 
     With ``dtype=None`` no mask is built: transformers then derives the document blocks from the restarting
     ``position_ids`` itself, which flex attention turns into a block-sparse mask that skips cross-document tiles.
+    With ``device`` the tensors are made there and the ``[rows, 1, length, length]`` mask is built on the device
+    from the small sequence-id tensor (building it on the CPU and copying it costs more than the GPU's attention).
     """
     batch = {
-        "input_ids": torch.tensor([r.input_ids for r in rows]),
-        "labels": torch.tensor([r.labels for r in rows]),
-        "position_ids": torch.tensor([r.position_ids for r in rows]),
+        "input_ids": torch.tensor([r.input_ids for r in rows], device=device),
+        "labels": torch.tensor([r.labels for r in rows], device=device),
+        "position_ids": torch.tensor([r.position_ids for r in rows], device=device),
     }
     if dtype is not None:
-        batch["attention_mask"] = block_causal_mask(torch.tensor([r.seq_ids for r in rows]), dtype)
+        batch["attention_mask"] = block_causal_mask(torch.tensor([r.seq_ids for r in rows], device=device), dtype)
     return batch
 
 

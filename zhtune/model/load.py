@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -35,17 +36,44 @@ def load_base_model(config: ModelConfig):
     path = Path(config.path)
     if not (path / "config.json").exists():
         raise ConfigError(f"model.path {path} is not a checkpoint folder (no config.json)")
+    extra = {}
+    if config.quantization != "none":
+        device = int(os.environ.get("LOCAL_RANK", 0))  # torchrun / accelerate: one GPU per process
+        extra = {"quantization_config": quantization_config(config), "device_map": {"": device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
             dtype=DTYPES[config.dtype],
-            attn_implementation=config.attn_implementation,
+            attn_implementation="sdpa" if config.attn_implementation == "auto" else config.attn_implementation,
             trust_remote_code=config.trust_remote_code,
             local_files_only=True,
+            **extra,
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load the model in {path}: {exc}") from None
     return model
+
+
+def quantization_config(config: ModelConfig):
+    """The bitsandbytes settings for ``model.quantization: 4bit`` (QLoRA: NF4, double quantization).
+
+    Raises:
+        ConfigError: no CUDA GPU, or bitsandbytes is not installed.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise ConfigError("model.quantization=4bit (QLoRA) needs a CUDA GPU; use quantization: none on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.quantization=4bit needs bitsandbytes: pip install 'zhtune[qlora]'") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[config.dtype],
+    )
 
 
 def fit_embeddings(model, vocab_size: int) -> bool:

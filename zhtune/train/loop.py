@@ -26,6 +26,7 @@ from zhtune.model.checkpoint_files import base_fingerprint, file_sha256
 from zhtune.model.load import attach_lora, fit_embeddings, load_base_model, write_adapter_meta
 from zhtune.model.tokenizer import load_tokenizer
 from zhtune.train.checkpoint import CHECKPOINTS, find_checkpoint, load_checkpoint, save_checkpoint
+from zhtune.train.fast import apply_fast_path, choose_attention
 from zhtune.train.loss import summed_ce_chunked
 from zhtune.train.metrics import MetricsWriter, plot_loss
 from zhtune.train.schedule import StepSchedule, build_data, collate, supervised_tokens
@@ -80,7 +81,8 @@ def evaluate(model, accelerator, units: list, data, micro_batch_size: int, mask_
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for i in range(0, len(mine), micro_batch_size):
         chunk = mine[i : i + micro_batch_size]
-        total[0] += _forward_loss(model, collate(chunk, data.packed, data.pad_id, mask_dtype), accelerator.device)
+        batch = collate(chunk, data.packed, data.pad_id, mask_dtype, accelerator.device)
+        total[0] += _forward_loss(model, batch, accelerator.device)
         total[1] += supervised_tokens(chunk)
     total = accelerator.reduce(total, "sum")
     model.train()
@@ -135,8 +137,23 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
         # Under autocast the LoRA matmuls run in bf16/fp16 anyway; peft's own cast of every input to the fp32 adapter
         # dtype only adds full-size copies (16% of GPU time on a 7B step, measured in benchmarks/).
         disable_lora_input_casting(model)
+    if recipe.model.quantization == "none":
+        model.to(accelerator.device)  # the fast path patches device-specific kernels (a 4-bit model is placed already)
+    requested = recipe.model.attn_implementation
+    if not cfg.fast_path and requested == "auto":
+        requested = "sdpa"
+    attn = choose_attention(model, requested, data.packed)
+    fast = apply_fast_path(
+        model,
+        kernels=cfg.fast_path,
+        checkpoint_fraction=recipe.model.checkpoint_fraction if recipe.model.gradient_checkpointing else 1.0,
+    )
+    if main:
+        print(f"fast path: attention {attn}; " + "; ".join(fast.applied or ["no kernels"]), flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused AdamW on CUDA: one kernel for all LoRA tensors, no foreach temporaries (same update rule)
+    fused = accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     schedule = StepSchedule(
         len(data.train_units), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, cfg.seed
     )
@@ -144,7 +161,6 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else round(cfg.warmup_ratio * total_steps)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    attn = getattr(accelerator.unwrap_model(model).config, "_attn_implementation", "eager")
     # SDPA takes a boolean block mask; flex attention builds its block-sparse mask from the position ids
     mask_dtype = {"sdpa": torch.bool, "flex_attention": None}.get(attn, torch.float32)
 
@@ -173,8 +189,8 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
             units = [data.train_units[i] for i in mb]
             sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
             with sync:
-                batch = collate(units, data.packed, data.pad_id, mask_dtype)
-                ce = _forward_loss(model, batch, accelerator.device, cfg.chunked_loss)
+                batch = collate(units, data.packed, data.pad_id, mask_dtype, accelerator.device)
+                ce = _forward_loss(model, batch, accelerator.device, cfg.chunked_loss and cfg.fast_path)
                 # DDP averages gradients over ranks; scaling by world size makes the result sum / all tokens.
                 accelerator.backward(ce * accelerator.num_processes / max(n_tok, 1))
             loss_sum += ce.detach()

@@ -101,9 +101,12 @@ class StepSchedule:
         return self.micro_batches(step)[rank :: self.world]
 
 
-def collate(units: list, packed: bool, pad_id: int, mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Model inputs for ``units``; a packed batch gets a block mask of ``mask_dtype`` (bool for SDPA)."""
-    return collate_packed(units, mask_dtype) if packed else collate_padded(units, pad_id)
+def collate(
+    units: list, packed: bool, pad_id: int, mask_dtype: torch.dtype | None = torch.float32, device=None
+) -> dict[str, torch.Tensor]:
+    """Model inputs for ``units``; a packed batch gets a block mask of ``mask_dtype`` (bool for SDPA), built on
+    ``device`` when given."""
+    return collate_packed(units, mask_dtype, device) if packed else collate_padded(units, pad_id)
 
 
 def supervised_tokens(units: list) -> int:

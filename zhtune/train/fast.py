@@ -1,0 +1,118 @@
+"""The training fast path: which speed-ups apply to a model, applied in one place, and said once when one cannot.
+
+``apply_fast_path(model, ...)`` is called by the training loop (``train.fast_path``, default on) on the peft model:
+
+* fused LoRA linear layers (``zhtune.train.fused_lora``): our own autograd function, on every device;
+* liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton) for the architectures liger knows, on CUDA when the
+  ``liger-kernel`` package is installed; its cross-entropy is not used (``zhtune.train.loss`` does the loss);
+* selective gradient checkpointing: only the first ``checkpoint_fraction`` of the decoder layers recompute their
+  activations in the backward pass (1.0: all of them, the transformers default).
+
+Every piece keeps the loss equal to the plain path within bf16 rounding (tests/train/test_fast.py, and the 50-step
+parity run of benchmarks/train_throughput.py). Where a piece is unavailable (no CUDA, liger not installed, an
+architecture liger does not cover) training goes on without it and a single log line says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from zhtune.train.fused_lora import fuse_lora_layers
+
+log = logging.getLogger(__name__)
+_said: set[str] = set()
+
+
+@dataclass
+class FastPathReport:
+    """What ``apply_fast_path`` did: the pieces applied, and why the others were not."""
+
+    applied: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _say_once(key: str, message: str) -> None:
+    if key not in _said:
+        _said.add(key)
+        log.warning(message)
+
+
+def _base_transformer(model):
+    """The ``*ForCausalLM`` inside a peft (and DDP) wrapper."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def apply_liger(model) -> str | None:
+    """Patch liger's RMSNorm/SwiGLU/RoPE into ``model``; None when applied, else the reason it was not."""
+    import torch
+
+    base = _base_transformer(model)
+    if not torch.cuda.is_available() or next(base.parameters()).device.type != "cuda":
+        return "liger kernels need CUDA (the model is not on a GPU)"
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+    except Exception as exc:  # ImportError, or Triton missing/broken
+        return f"liger-kernel is not usable here ({type(exc).__name__}: {exc}); pip install liger-kernel"
+    model_type = getattr(base.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"liger-kernel has no kernels for model type {model_type!r}"
+    _apply_liger_kernel_to_instance(
+        base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+    return None
+
+
+def select_checkpointed_layers(model, fraction: float) -> int:
+    """Keep gradient checkpointing on the first ``ceil(fraction * layers)`` decoder layers only; return that count."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in _base_transformer(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    keep = math.ceil(fraction * len(layers))
+    for i, layer in enumerate(layers):
+        if i >= keep:
+            layer.gradient_checkpointing = False
+    return keep
+
+
+def choose_attention(model, requested: str, packed: bool) -> str:
+    """Resolve ``model.attn_implementation: auto``: flex attention for packed rows on CUDA (its block mask skips the
+    tiles between documents), SDPA otherwise; an explicit choice is kept. Returns the implementation in use."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    base = _base_transformer(model)
+    on_gpu = torch.cuda.is_available() and next(base.parameters()).device.type == "cuda"
+    if packed and on_gpu:
+        try:
+            base.set_attn_implementation("flex_attention")
+            return "flex_attention"
+        except (ValueError, ImportError, AttributeError) as exc:
+            _say_once("flex", f"fast path: flex attention unavailable for {type(base).__name__} ({exc}); using SDPA")
+    elif packed:
+        _say_once("flex", "fast path: flex attention needs CUDA for training; using SDPA with a block mask")
+    return getattr(base.config, "_attn_implementation", "sdpa")
+
+
+def apply_fast_path(model, *, kernels: bool = True, checkpoint_fraction: float = 1.0) -> FastPathReport:
+    """Apply the fast-path pieces to a peft model in place; log once for each piece that cannot apply."""
+    report = FastPathReport()
+    if kernels:
+        n = fuse_lora_layers(model)
+        if n:
+            report.applied.append(f"fused LoRA linear ({n} layers)")
+        else:
+            report.skipped["fused_lora"] = "no peft LoRA linear layers"
+        reason = apply_liger(model)
+        if reason is None:
+            report.applied.append("liger RMSNorm/SwiGLU/RoPE")
+        else:
+            report.skipped["liger"] = reason
+            _say_once("liger", f"fast path: {reason}; using the transformers implementations")
+    if checkpoint_fraction < 1.0:
+        kept = select_checkpointed_layers(model, checkpoint_fraction)
+        report.applied.append(f"gradient checkpointing on the first {kept} decoder layers")
+    return report
