@@ -25,10 +25,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--ckpt", default="1.0", help="share of layers checkpointed (0: none)")
+    parser.add_argument("--bucket-mb", type=int, default=25, help="DDP gradient bucket size")
+    parser.add_argument("--attn", default="flex_attention", choices=["flex_attention", "sdpa"])
     args = parser.parse_args()
 
     from benchmarks.train_throughput import SHAPES, _set_checkpointing, build, samples_from
     from zhtune.data.packing import collate_packed, pack_samples
+    from zhtune.train.fast import apply_fast_path
     from zhtune.train.loop import disable_lora_input_casting
     from zhtune.train.loss import summed_ce_chunked
 
@@ -37,11 +41,15 @@ def main() -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     lengths = json.loads(Path(args.lengths).read_text())["lengths"]
     packed = pack_samples(samples_from(lengths, SHAPES[args.shape]["vocab_size"]), args.row_len, 0)
-    model = build(args.shape, "cuda")
-    _set_checkpointing(model, True)
+    model = build(args.shape, "cuda", args.attn)
+    fraction = float(args.ckpt)
+    _set_checkpointing(model, fraction > 0, fraction)
     disable_lora_input_casting(model)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    applied = apply_fast_path(model).applied
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[torch.cuda.current_device()], bucket_cap_mb=args.bucket_mb, gradient_as_bucket_view=True
+    )
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     tokens, start = 0, None
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
@@ -50,9 +58,9 @@ def main() -> None:
             start, tokens = time.perf_counter(), 0
         first = (step * world + rank) * args.rows
         units = [packed[(first + i) % len(packed)] for i in range(args.rows)]
-        batch = collate_packed(units, torch.bool)
-        inputs = {k: v.cuda() for k, v in batch.items() if k != "labels"}
-        n_sup = torch.tensor(float((batch["labels"][:, 1:] != -100).sum()), device="cuda")
+        batch = collate_packed(units, None if args.attn == "flex_attention" else torch.bool, "cuda")
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        n_sup = (batch["labels"][:, 1:] != -100).sum().float()
         dist.all_reduce(n_sup)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = summed_ce_chunked(ddp, inputs, batch["labels"]) * world / n_sup
@@ -73,6 +81,10 @@ def main() -> None:
                     "shape": args.shape,
                     "rows_per_rank": args.rows,
                     "row_len": args.row_len,
+                    "checkpoint_fraction": fraction,
+                    "attention": args.attn,
+                    "fast_path": applied,
+                    "steps": args.steps,
                     "tokens_per_s": round(total.item() / elapsed, 1),
                 }
             ),

@@ -6,19 +6,29 @@ tokenizer and the qwen template (``--lengths``, a JSON file of ``[tokens, superv
 speed). Model: randomly initialised Qwen2.5 of the real shape (``--shape 0.5b|7b``), bf16, LoRA r=16 on all linear
 layers.
 
-* plain: transformers + peft, SDPA, bf16 autocast (as the HF Trainer runs it), random-order batches padded to their
-  longest sample, the model's own loss (full logits), with and without gradient checkpointing.
-* zhtune: packed rows without cross-document attention (SDPA block mask, or flex attention from position ids), loss
-  at supervised positions only in chunks (no full logits), no per-call fp32 cast of LoRA inputs, bf16 autocast.
+Stacks, all in this one process on the same GPU (``--configs``, ``stack:size:ckpt[:option]``):
 
-Reported per configuration: effective (non-pad) tokens/s, MFU (model FLOPs = forward + input-gradient matmuls + causal
-attention, recomputation not counted, over 790 TFLOP/s), peak memory; plus a loss-parity run (same samples per step,
-plain vs fast, bf16) and ratios. Results go to ``benchmarks/results/train_throughput-<shape>.json``.
+* ``plain``: transformers + peft, SDPA, bf16 autocast (as the HF Trainer runs it), random-order batches padded to
+  their longest sample, the model's own loss (full logits); size = samples per batch.
+* ``trl``: TRL's ``SFTTrainer`` with ``use_liger_kernel`` (liger's layer kernels and TRL's fused LM head), the same
+  LoRA, completion-only loss, padded batches (its packing is only correct with flash attention, not installed);
+  option ``grouped`` = length-grouped sampling.
+* ``zhtune-base``: packed rows + chunked loss without the kernels (the earlier fast path); ``zhtune``: the fast path of
+  ``zhtune train`` (``zhtune.train.fast``); ``qlora``: the same on an NF4 base loaded by ``zhtune.model.load``;
+  size = ``ROW_LENxROWS``; option ``flex`` = flex attention (what ``model.attn_implementation: auto`` picks on CUDA).
+* ``ckpt``: gradient checkpointing on all layers, ``nockpt`` off, ``ckptF`` on the first F of the layers.
+
+Reported per configuration: effective (non-pad) tokens/s and per step, MFU (model FLOPs = forward + input-gradient
+matmuls + causal attention, recomputation not counted, over 790 TFLOP/s), peak memory; then the best of each stack and
+the ratios, and a loss-parity run (same samples per step, plain vs fast, bf16, 50 steps). The plain curve runs first,
+before liger patches anything in this process, and liger's module-level patches are undone before TRL runs.
+Results go to ``benchmarks/results/train_throughput-<shape>.json`` (or ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import time
@@ -29,7 +39,7 @@ import torch
 PEAK_TFLOPS = 790.0
 SHAPES = {
     "tiny": dict(
-        vocab_size=1000,
+        vocab_size=151936,  # the real vocabulary: TRL pads with the real tokenizer's id
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -117,6 +127,7 @@ def samples_from(lengths, vocab: int, seed: int = 0):
 def run_plain(model, samples, batch: int, steps: int, warmup: int, checkpointing: bool, device: str):
     from zhtune.data.packing import collate_padded
 
+    model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     _set_checkpointing(model, checkpointing)
     order = list(range(len(samples)))
@@ -140,39 +151,31 @@ def run_plain(model, samples, batch: int, steps: int, warmup: int, checkpointing
         tokens += int(b["attention_mask"].sum())
         losses.append(out.loss.item())
     _sync(device)
-    return tokens / (time.perf_counter() - start), _peak(device), losses
+    return tokens / (time.perf_counter() - start), _peak(device), tokens / steps
 
 
-def run_zhtune(
-    model,
-    samples,
-    row_len: int,
-    rows: int,
-    steps: int,
-    warmup: int,
-    checkpointing: bool,
-    device: str,
-    mask_dtype=torch.bool,
-):
+def run_zhtune(model, samples, row_len: int, rows: int, steps: int, warmup: int, device: str, attn: str = "sdpa"):
+    """zhtune's loop on ``model`` as it is set up (checkpointing, kernels): packed rows, chunked loss, fused AdamW."""
     from zhtune.data.packing import collate_packed, pack_samples
-    from zhtune.train.loop import disable_lora_input_casting
     from zhtune.train.loss import summed_ce_chunked
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    _set_checkpointing(model, checkpointing)
-    disable_lora_input_casting(model)
+    model.train()  # from_pretrained (the QLoRA base) returns eval mode, where checkpointing is off
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
     packed = pack_samples(samples, row_len, 0)
     random.Random(1).shuffle(packed)
+    mask_dtype = None if attn == "flex_attention" else torch.bool
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+    static = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else float("nan")
     tokens, start = 0, None
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             start, tokens = time.perf_counter(), 0
         units = [packed[(step * rows + i) % len(packed)] for i in range(rows)]
-        b = collate_packed(units, mask_dtype)
-        inputs = {k: v.to(device) for k, v in b.items() if k != "labels"}
-        n_sup = int((b["labels"][:, 1:] != -100).sum())
+        b = collate_packed(units, mask_dtype, device)
+        inputs = {k: v for k, v in b.items() if k != "labels"}
+        n_sup = sum(sum(label != -100 for label in u.labels[1:]) for u in units)
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = summed_ce_chunked(model, inputs, b["labels"]) / n_sup
         loss.backward()
@@ -180,22 +183,111 @@ def run_zhtune(
         opt.zero_grad(set_to_none=True)
         tokens += sum(s >= 0 for u in units for s in u.seq_ids)
     _sync(device)
-    return tokens / (time.perf_counter() - start), _peak(device), sum(len(u.input_ids) for u in packed)
+    return tokens / (time.perf_counter() - start), _peak(device), static, tokens / steps
 
 
-def loss_parity(shape, samples, steps: int, batch: int, device: str) -> dict:
-    """Same samples each step: plain (padded, full logits) vs fast (packed, chunked); per-step relative difference."""
+def run_trl(
+    shape: str, samples, batch: int, steps: int, warmup: int, checkpointing: bool, grouped: bool, device, tokenizer_dir
+):
+    """TRL's SFTTrainer with liger kernels (its fused LM head too), LoRA r=16, bf16, completion-only loss, padded
+    batches (packing is only correct with flash attention there); effective tokens counted from attention masks."""
+    import dataclasses
+    import tempfile
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    data = Dataset.from_dict(
+        {
+            "input_ids": [s.input_ids for s in samples],
+            "completion_mask": [[int(label != -100) for label in s.labels] for s in samples],
+        }
+    )
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    sampler = {}
+    if grouped:
+        sampler = (
+            {"train_sampling_strategy": "group_by_length"}
+            if "train_sampling_strategy" in fields
+            else {"group_by_length": True}
+        )
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=batch,
+        max_steps=warmup + steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        bf16=device == "cuda",
+        use_cpu=device != "cuda",
+        gradient_checkpointing=checkpointing,
+        use_liger_kernel=device == "cuda",
+        completion_only_loss=True,
+        packing=False,
+        max_length=2048,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        seed=1,
+        **sampler,
+    )
+    marks: list[float] = []
+    counted: list[int] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *_args, **_kwargs):
+            _sync(device)
+            marks.append(time.perf_counter())
+
+    class Timed(SFTTrainer):
+        def training_step(self, model, inputs, *rest, **kw):
+            counted.append(int(inputs["attention_mask"].sum()))
+            return super().training_step(model, inputs, *rest, **kw)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+    trainer = Timed(
+        model=model,
+        args=args,
+        train_dataset=data,
+        peft_config=peft_config,
+        processing_class=tokenizer,
+        callbacks=[Clock()],
+    )
+    torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+    trainer.train()
+    tps = sum(counted[warmup:]) / (marks[-1] - marks[warmup - 1])
+    peak = _peak(device)
+    del trainer, model
+    _free(device)
+    return tps, peak, sum(counted[warmup:]) / steps
+
+
+def loss_parity(shape, samples, steps: int, batch: int, device: str, modes=("plain", "fast")) -> dict:
+    """Same samples each step: plain (padded, full logits) vs fast (packed, chunked, kernels); per-step losses."""
     from zhtune.data.packing import collate_packed, collate_padded, pack_samples
+    from zhtune.train.fast import apply_fast_path
     from zhtune.train.loop import disable_lora_input_casting, summed_cross_entropy
     from zhtune.train.loss import summed_ce_chunked
 
     curves = {}
-    for mode in ("plain", "fast"):
-        model = build(shape, device)
+    for mode in modes:
+        attn = "flex_attention" if mode == "fast" and device == "cuda" else "sdpa"
+        model = build(shape, device, attn)
         _set_checkpointing(model, True)
         if mode == "fast":
             disable_lora_input_casting(model)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+            curves["fast_path"] = apply_fast_path(model).applied
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=2e-4, fused=mode == "fast" and device == "cuda")
         curve = []
         for step in range(steps):
             chunk = samples[step * batch : (step + 1) * batch]
@@ -206,8 +298,9 @@ def loss_parity(shape, samples, steps: int, batch: int, device: str) -> dict:
                     inputs = {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)}
                     loss = summed_cross_entropy(model(**inputs).logits, b["labels"].to(device)) / n_sup
                 else:
-                    b = collate_packed(pack_samples(chunk, 2048, 0), torch.bool)
-                    inputs = {k: v.to(device) for k, v in b.items() if k != "labels"}
+                    mask = None if attn == "flex_attention" else torch.bool
+                    b = collate_packed(pack_samples(chunk, 2048, 0), mask, device)
+                    inputs = {k: v for k, v in b.items() if k != "labels"}
                     loss = summed_ce_chunked(model, inputs, b["labels"]) / n_sup
             loss.backward()
             opt.step()
@@ -215,15 +308,24 @@ def loss_parity(shape, samples, steps: int, batch: int, device: str) -> dict:
             curve.append(loss.item())
         curves[mode] = curve
         del model, opt
-        torch.cuda.empty_cache() if device == "cuda" else None
-    rel = [abs(a - b) / abs(a) for a, b in zip(curves["plain"], curves["fast"])]
-    return {"steps": steps, "max_relative_difference": max(rel), "plain": curves["plain"], "fast": curves["fast"]}
+        _free(device)
+    return curves
 
 
-def _set_checkpointing(model, on: bool) -> None:
+def _free(device: str) -> None:
+    """Collect the reference cycles a model holds (bound forwards, hooks) and hand the memory back."""
+    gc.collect()
+    torch.cuda.empty_cache() if device == "cuda" else None
+
+
+def _set_checkpointing(model, on: bool, fraction: float = 1.0) -> None:
+    from zhtune.train.fast import select_checkpointed_layers
+
     if on:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+        if fraction < 1.0:
+            select_checkpointed_layers(model, fraction)
     else:
         model.gradient_checkpointing_disable()
 
@@ -237,6 +339,61 @@ def _peak(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
 
+class _Snapshot:
+    """Undo liger's module-level patches (RoPE function, RMSNorm/MLP classes) so later baselines stay plain."""
+
+    def __enter__(self):
+        from transformers.models.qwen2 import modeling_qwen2
+
+        self.module, self.saved = modeling_qwen2, dict(vars(modeling_qwen2))
+        return self
+
+    def __exit__(self, *exc):
+        for key, value in self.saved.items():
+            setattr(self.module, key, value)
+
+
+def _parse(spec: str) -> dict:
+    """``stack:size:ckpt[:option]``: stack plain|trl|zhtune-base|zhtune|qlora; size B (samples) or LENxROWS;
+    ckpt ckpt|nockpt|ckptF (checkpoint the first F of the layers); option flex|grouped."""
+    parts = spec.split(":")
+    stack, size, ck = parts[:3]
+    return {
+        "stack": stack,
+        "size": size,
+        "ckpt": ck != "nockpt",
+        "fraction": float(ck[4:]) if ck.startswith("ckpt") and len(ck) > 4 else 1.0,
+        "option": parts[3] if len(parts) > 3 else "",
+    }
+
+
+ORDER = {"plain": 0, "zhtune-base": 1, "zhtune": 2, "qlora": 3, "trl": 4}
+
+
+def _qlora_model(shape: str):
+    """A random model of the shape saved to /dev/shm and loaded the way ``zhtune train`` loads a QLoRA base."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from zhtune.config import LoraConfig, ModelConfig
+    from zhtune.model.load import attach_lora, load_base_model
+
+    folder = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").exists() else None))
+    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6)
+    with torch.device("cuda"):
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    _free("cuda")
+    model = load_base_model(ModelConfig(path=str(folder), quantization="4bit"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = attach_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=tuple(TARGETS)), False)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
@@ -245,13 +402,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--parity-steps", type=int, default=50)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--tokenizer", default=".carry/qwen-tokenizer", help="the Qwen2.5 tokenizer (TRL wants one)")
     parser.add_argument(
-        "--configs", default="plain:16:ckpt,plain:8:nockpt,zhtune:4096x4:ckpt,zhtune:4096x4:nockpt,zhtune:2048x1:ckpt"
+        "--configs",
+        default="plain:16:ckpt,plain:8:nockpt,trl:16:ckpt,zhtune:4096x4:ckpt,zhtune:4096x2:nockpt,zhtune:2048x1:ckpt",
     )
     args = parser.parse_args()
     if args.make_lengths:
         make_lengths(Path(args.lengths))
         return
+    from zhtune.train.fast import apply_fast_path
+    from zhtune.train.loop import disable_lora_input_casting
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lengths = json.loads(Path(args.lengths).read_text())["lengths"]
     samples = samples_from(lengths, SHAPES[args.shape]["vocab_size"])
@@ -264,37 +427,96 @@ def main() -> None:
         "mean_sample_tokens": round(mean_len, 1),
         "configs": {},
     }
-    model = build(args.shape, device)
-    for spec in args.configs.split(","):
-        kind, size, ck = spec.split(":")
+    specs = sorted(args.configs.split(","), key=lambda spec: ORDER[_parse(spec)["stack"]])
+    parity = {}
+    if args.parity_steps:  # the plain curve first, before any kernel patches exist in this process
+        parity = loss_parity(args.shape, samples, args.parity_steps, 8, device, modes=("plain",))
+    model, state, snapshot = None, None, _Snapshot().__enter__()
+    for spec in specs:
+        c = _parse(spec)
         try:
-            if kind == "plain":
-                tps, peak, _ = run_plain(model, samples, int(size), args.steps, args.warmup, ck == "ckpt", device)
+            if c["stack"] in ("plain", "zhtune-base", "zhtune") and model is None:
+                model, state = build(args.shape, device), "plain"
+            if c["stack"] in ("zhtune-base", "zhtune") and state == "plain":
+                disable_lora_input_casting(model)
+                state = "base"
+            if c["stack"] == "zhtune" and state == "base":
+                results["fast_path"] = apply_fast_path(model).applied
+                state = "fast"
+            if c["stack"] in ("qlora", "trl") and model is not None:
+                del model
+                model = None
+                _free(device)
+            if c["stack"] == "trl":
+                snapshot.__exit__()
+                tps, peak, per_step = run_trl(
+                    args.shape,
+                    samples,
+                    int(c["size"]),
+                    args.steps,
+                    args.warmup,
+                    c["ckpt"],
+                    c["option"] == "grouped",
+                    device,
+                    args.tokenizer,
+                )
+                static = None
+            elif c["stack"] == "plain":
+                _set_checkpointing(model, c["ckpt"])
+                tps, peak, per_step = run_plain(
+                    model, samples, int(c["size"]), args.steps, args.warmup, c["ckpt"], device
+                )
+                static = None
             else:
-                row_len, rows = (int(x) for x in size.split("x"))
-                tps, peak, _ = run_zhtune(model, samples, row_len, rows, args.steps, args.warmup, ck == "ckpt", device)
+                if c["stack"] == "qlora":
+                    model = _qlora_model(args.shape)
+                    results["qlora_fast_path"] = apply_fast_path(model).applied
+                attn = "flex_attention" if c["option"] == "flex" else "sdpa"
+                model.set_attn_implementation(attn)
+                _set_checkpointing(model, c["ckpt"], c["fraction"])
+                row_len, rows = (int(x) for x in c["size"].split("x"))
+                tps, peak, static, per_step = run_zhtune(
+                    model, samples, row_len, rows, args.steps, args.warmup, device, attn
+                )
+                model.set_attn_implementation("sdpa")
+                if c["stack"] == "qlora":
+                    del model
+                    model = None
+                    _free(device)
             results["configs"][spec] = {
                 "tokens_per_s": round(tps, 1),
                 "peak_gib": round(peak, 2),
                 "mfu": round(tps * flops / (PEAK_TFLOPS * 1e12), 4),
+                "effective_tokens_per_step": round(per_step),
             }
+            if static is not None:
+                results["configs"][spec]["before_step_gib"] = round(static, 2)
         except torch.OutOfMemoryError:
             results["configs"][spec] = {"oom": True}
-            torch.cuda.empty_cache()
+        _free(device)
         print(spec, results["configs"][spec], flush=True)
     del model
-    torch.cuda.empty_cache() if device == "cuda" else None
+    _free(device)
     ok = {k: v for k, v in results["configs"].items() if "tokens_per_s" in v}
-    best_plain = max((v["tokens_per_s"], k) for k, v in ok.items() if k.startswith("plain"))
-    best_zh = max((v["tokens_per_s"], k) for k, v in ok.items() if k.startswith("zhtune"))
-    results["configs_order"] = args.configs
-    results["best_plain"], results["best_zhtune"] = best_plain[1], best_zh[1]
-    results["zhtune_over_plain"] = round(best_zh[0] / best_plain[0], 3)
+    for stack in ("plain", "trl", "zhtune"):
+        best = max(((v["tokens_per_s"], k) for k, v in ok.items() if _parse(k)["stack"] == stack), default=None)
+        if best:
+            results[f"best_{stack}"] = best[1]
+    zh = ok.get(results.get("best_zhtune"), {}).get("tokens_per_s")
+    for stack in ("plain", "trl"):
+        if zh and results.get(f"best_{stack}"):
+            results[f"zhtune_over_{stack}"] = round(zh / ok[results[f"best_{stack}"]]["tokens_per_s"], 3)
+    plain_ck = max((v["tokens_per_s"] for k, v in ok.items() if k.startswith("plain") and _parse(k)["ckpt"]), default=0)
+    if zh and plain_ck:
+        results["zhtune_over_plain_with_checkpointing"] = round(zh / plain_ck, 3)
     if args.parity_steps:
-        results["loss_parity"] = loss_parity(args.shape, samples, args.parity_steps, 8, device)
-        print("parity max rel diff", results["loss_parity"]["max_relative_difference"], flush=True)
+        parity |= loss_parity(args.shape, samples, args.parity_steps, 8, device, modes=("fast",))
+        rel = [abs(a - b) / abs(a) for a, b in zip(parity["plain"], parity["fast"])]
+        results["loss_parity"] = {"steps": args.parity_steps, "max_relative_difference": max(rel), **parity}
+        print("parity max rel diff", max(rel), flush=True)
     print(json.dumps({k: v for k, v in results.items() if k != "loss_parity"}, indent=1))
-    out = Path(__file__).parent / "results" / f"train_throughput-{args.shape}.json"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"train_throughput-{args.shape}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
 
 
