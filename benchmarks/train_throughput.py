@@ -15,7 +15,8 @@ Stacks, all in this one process on the same GPU (``--configs``, ``stack:size:ckp
   option ``grouped`` = length-grouped sampling.
 * ``zhtune-base``: packed rows + chunked loss without the kernels (the earlier fast path); ``zhtune``: the fast path of
   ``zhtune train`` (``zhtune.train.fast``); ``qlora``: the same on an NF4 base loaded by ``zhtune.model.load``;
-  size = ``ROW_LENxROWS``; option ``flex`` = flex attention (what ``model.attn_implementation: auto`` picks on CUDA).
+  size = ``ROW_LENxROWS``; option ``flex`` = flex attention (what ``model.attn_implementation: auto`` picks on CUDA),
+  ``flex+compile`` = also ``torch.compile`` on every decoder layer.
 * ``ckpt``: gradient checkpointing on all layers, ``nockpt`` off, ``ckptF`` on the first F of the layers.
 
 Reported per configuration: effective (non-pad) tokens/s and per step, MFU (model FLOPs = forward + input-gradient
@@ -471,9 +472,15 @@ def main() -> None:
                 if c["stack"] == "qlora":
                     model = _qlora_model(args.shape)
                     results["qlora_fast_path"] = apply_fast_path(model).applied
-                attn = "flex_attention" if c["option"] == "flex" else "sdpa"
+                attn = "flex_attention" if "flex" in c["option"] else "sdpa"
                 model.set_attn_implementation(attn)
                 _set_checkpointing(model, c["ckpt"], c["fraction"])
+                if "compile" in c["option"]:  # torch.compile each decoder layer (stays compiled: put it last)
+                    from transformers.modeling_layers import GradientCheckpointingLayer
+
+                    for layer in model.modules():
+                        if isinstance(layer, GradientCheckpointingLayer):
+                            layer.compile()
                 row_len, rows = (int(x) for x in c["size"].split("x"))
                 tps, peak, static, per_step = run_zhtune(
                     model, samples, row_len, rows, args.steps, args.warmup, device, attn
