@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zhtune.atomic import write_text_atomic
 from zhtune.data.tokenize import IGNORE_INDEX, TokenizedSample
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
@@ -40,8 +41,4 @@ def write_jsonl(samples: list[TokenizedSample], out: str | Path, overwrite: bool
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it")
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for s in samples:
-            f.write(json.dumps({"input_ids": s.input_ids, "labels": s.labels}) + "\n")
-    tmp.replace(out)
+    write_text_atomic(out, "".join(json.dumps({"input_ids": s.input_ids, "labels": s.labels}) + "\n" for s in samples))

@@ -14,12 +14,12 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from zhtune.atomic import write_text_atomic
 from zhtune.errors import ZhtuneError
 from zhtune.memory import peak_rss_mb, reset_peak_rss
 from zhtune.model.checkpoint_files import base_fingerprint, file_sha256
@@ -79,9 +79,7 @@ def read_manifest(stage_dir: Path) -> dict | None:
 
 
 def _write_manifest(stage_dir: Path, manifest: dict) -> None:
-    tmp = stage_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    os.replace(tmp, stage_dir / MANIFEST)
+    write_text_atomic(stage_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
 
 
 def stage_states(config: PipelineConfig) -> list[tuple[str, str, str]]:

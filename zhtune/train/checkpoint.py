@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from zhtune.atomic import atomic_dir, write_text_atomic
 from zhtune.errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
@@ -60,22 +61,13 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, info:
     for stale in root.glob(".step-*.tmp-*"):  # left by a crash during an earlier save
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f".step-{step:07d}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp, safe_serialization=True)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step},
-        tmp / "trainer_state.pt",
-    )
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **info}, indent=2))
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    pointer = root / f".{LATEST}.tmp-{os.getpid()}"
-    pointer.write_text(final.name)
-    with pointer.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(pointer, root / LATEST)
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        torch.save({**state, "step": step}, tmp / "trainer_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **info}, indent=2))
+        _fsync_tree(tmp)
+    write_text_atomic(root / LATEST, final.name, fsync=True)
     _fsync_dir(root)
     return final
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from zhtune import __version__
+from zhtune.atomic import atomic_dir
 from zhtune.config import Recipe, recipe_to_dict
 from zhtune.errors import ConfigError
 from zhtune.model.checkpoint_files import base_fingerprint, file_sha256
@@ -256,11 +255,8 @@ def _run_evaluator(evaluator, accelerator, model, tokenizer, step, metrics, out,
 def _save_final_adapter(
     out: Path, model, tokenizer, recipe: Recipe, name: str = "adapter", extra: dict | None = None
 ) -> Path:
-    final, tmp = out / name, out / f".{name}.tmp-{os.getpid()}"
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_adapter_meta(tmp, {**_adapter_meta(recipe), **(extra or {})})
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    return final
+    with atomic_dir(out / name) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_adapter_meta(tmp, {**_adapter_meta(recipe), **(extra or {})})
+    return out / name
