@@ -114,3 +114,24 @@ def test_undetectable_format_says_what_to_do(tmp_path):
     path = write(tmp_path, "odd.jsonl", '{"question": "a", "answer": "b"}\n')
     with pytest.raises(DataError, match="set data.format"):
         load_conversations([path])
+
+
+def test_para_readers_share_line_numbers_and_utf8_errors(tmp_path):
+    """Every para reader (data, CGEC corpora, scorer, correct inputs) goes through ``tab_lines``."""
+    from zhtune.data.readers import tab_lines
+    from zhtune.gec.corpora import read_para_rows
+    from zhtune.gec.correct import read_inputs
+    from zhtune.gec.scorer import read_para
+
+    good = tmp_path / "ok.para"
+    good.write_bytes("\ufeff1\t他去学校了吗\t他去学校了吗？\r\n\n2\t我很喜欢\r\n".encode())
+    assert list(tab_lines(good)) == [(1, ["1", "他去学校了吗", "他去学校了吗？"]), (3, ["2", "我很喜欢"])]
+    assert [r.id for r in read_para_rows(good)] == ["1", "2"]
+    assert read_para(good)[1] == ("2", "我很喜欢", [])
+    assert read_inputs(good) == [("1", "他去学校了吗"), ("2", "我很喜欢")]
+    bad = tmp_path / "bad.para"
+    bad.write_bytes("1\t好\n2\t".encode() + b"\xff\xfe\n")
+    for reader in (read_para_rows, read_para, read_inputs):
+        with pytest.raises(DataError, match="invalid UTF-8") as info:
+            reader(bad)
+        assert info.value.line == 2

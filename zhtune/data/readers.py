@@ -119,12 +119,25 @@ def _iter_json_lines(data: bytes, path: Path) -> Iterator[tuple[int, object]]:
             yield lineno, DataError(str(path), lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})")
 
 
-def _iter_para(text: str, path: Path) -> Iterator[tuple[int, object]]:
+def _tab_rows(text: str) -> Iterator[tuple[int, list[str]]]:
     for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        cols = line.split("\t")
+        line = line.rstrip("\r").replace("\ufeff", "")  # byte-order marks of concatenated files too
+        if line.strip():
+            yield lineno, line.split("\t")
+
+
+def tab_lines(path: str | Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line, columns)`` of every non-blank line of a tab-separated (para) file, gzip or not.
+
+    Raises:
+        DataError: missing file, or invalid UTF-8 (naming the line).
+    """
+    path = Path(path)
+    yield from _tab_rows(_decode(_read_bytes(path), path))
+
+
+def _iter_para(text: str, path: Path) -> Iterator[tuple[int, object]]:
+    for lineno, cols in _tab_rows(text):
         if len(cols) == 1:
             yield lineno, {"id": str(lineno), "source": cols[0], "targets": []}
         else:

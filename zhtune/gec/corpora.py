@@ -21,6 +21,7 @@ from pathlib import Path
 from zhtune.config import DataConfig
 from zhtune.data.conversation import Conversation, Message
 from zhtune.data.formats import UNANNOTATABLE
+from zhtune.data.readers import tab_lines
 from zhtune.errors import DataError
 
 CGEC_INSTRUCTION = DataConfig.cgec_instruction  # one default instruction for data loading, training and correction
@@ -36,12 +37,7 @@ class CgecRow:
 def read_para_rows(path: str | Path) -> list[CgecRow]:
     """A para file; MuCGEC ``无法标注`` references are dropped (a row left without references keeps none)."""
     rows = []
-    text = Path(path).read_text(encoding="utf-8").lstrip("\ufeff")
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r").replace("\ufeff", "")
-        if not line.strip():
-            continue
-        cols = line.split("\t")
+    for lineno, cols in tab_lines(path):
         if len(cols) < 2:
             raise DataError(str(path), lineno, None, "expected id<TAB>source[<TAB>reference...]")
         refs = tuple(r for r in cols[2:] if r and r != UNANNOTATABLE)

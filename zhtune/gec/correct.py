@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from zhtune.data.conversation import Conversation, Message
+from zhtune.data.readers import tab_lines
 from zhtune.gec.corpora import CGEC_INSTRUCTION
 from zhtune.infer.engine import Generator
 
@@ -23,11 +24,7 @@ _LOOP = re.compile(r"(.{1,8}?)\1{3,}")
 
 def read_inputs(path: str | Path) -> list[tuple[str, str]]:
     rows = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
-        line = line.rstrip("\r").replace("\ufeff", "")
-        if not line.strip():
-            continue
-        cols = line.split("\t")
+    for lineno, cols in tab_lines(path):
         rows.append((cols[0], cols[1]) if len(cols) >= 2 else (str(lineno), cols[0]))
     return rows
 

@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zhtune.data.readers import tab_lines
 from zhtune.errors import DataError
 from zhtune.gec.align import CharAligner, CharEdit, char_edits
 from zhtune.gec.tables import find_tables, load_tables
@@ -35,14 +36,8 @@ def to_simplified(text: str) -> str:
 
 def read_para(path: str | Path) -> list[tuple[str, str, list[str]]]:
     """``(id, source, [targets...])`` per line, whitespace removed inside sentences as ChERRANT does."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(str(path), None, None, f"invalid UTF-8 ({exc.reason})") from None
     rows = []
-    for lineno, line in enumerate(text.strip().split("\n"), start=1):
-        cols = line.rstrip("\r").split("\t")
+    for lineno, cols in tab_lines(path):
         if len(cols) < 2:
             raise DataError(str(path), lineno, None, "expected id<TAB>source[<TAB>target...]")
         rows.append((cols[0], "".join(cols[1].split()), ["".join(c.split()) for c in cols[2:]]))
