@@ -100,3 +100,20 @@ def test_training_with_the_fast_path_gives_the_plain_losses(shared, tmp_path):
     assert len(losses[True]) == 6
     for plain, quick in zip(losses[False], losses[True]):
         assert abs(plain - quick) <= 1e-6 * abs(plain), losses
+
+
+def test_generation_switches_flex_attention_to_sdpa_and_back(tmp_path):
+    from zhtune.train.fast import attention_for_generation
+
+    model = _peft(tmp_path)
+    base = model.get_base_model()
+    base.set_attn_implementation("flex_attention")
+    ids = torch.randint(1, 256, (1, 8))
+    with attention_for_generation(model):
+        assert base.config._attn_implementation == "sdpa"
+        with torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert base.config._attn_implementation == "flex_attention"
+    base.set_attn_implementation("sdpa")
+    with attention_for_generation(model):  # nothing to switch
+        assert base.config._attn_implementation == "sdpa"

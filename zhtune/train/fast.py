@@ -15,6 +15,7 @@ architecture liger does not cover) training goes on without it and a single log 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -95,6 +96,21 @@ def choose_attention(model, requested: str, packed: bool) -> str:
     elif packed:
         _say_once("flex", "fast path: flex attention needs CUDA for training; using SDPA with a block mask")
     return getattr(base.config, "_attn_implementation", "sdpa")
+
+
+@contextlib.contextmanager
+def attention_for_generation(model):
+    """Generate with SDPA while training uses flex attention: flex would recompile for every new decoding length."""
+    base = _base_transformer(model)
+    previous = getattr(base.config, "_attn_implementation", None)
+    if previous != "flex_attention":
+        yield model
+        return
+    base.set_attn_implementation("sdpa")
+    try:
+        yield model
+    finally:
+        base.set_attn_implementation(previous)
 
 
 def apply_fast_path(model, *, kernels: bool = True, checkpoint_fraction: float = 1.0) -> FastPathReport:

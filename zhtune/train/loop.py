@@ -25,7 +25,7 @@ from zhtune.model.checkpoint_files import base_fingerprint, file_sha256
 from zhtune.model.load import attach_lora, fit_embeddings, load_base_model, write_adapter_meta
 from zhtune.model.tokenizer import load_tokenizer
 from zhtune.train.checkpoint import CHECKPOINTS, find_checkpoint, load_checkpoint, save_checkpoint
-from zhtune.train.fast import apply_fast_path, choose_attention
+from zhtune.train.fast import apply_fast_path, attention_for_generation, choose_attention
 from zhtune.train.loss import summed_ce_chunked
 from zhtune.train.metrics import MetricsWriter, plot_loss
 from zhtune.train.schedule import StepSchedule, build_data, collate, supervised_tokens
@@ -241,7 +241,8 @@ def _run_evaluator(evaluator, accelerator, model, tokenizer, step, metrics, out,
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
-        values = evaluator(unwrapped, tokenizer, step)
+        with attention_for_generation(unwrapped):
+            values = evaluator(unwrapped, tokenizer, step)
         unwrapped.train()
         metrics.log({"step": step, **values})
         key = evaluator.best_key
