@@ -117,3 +117,26 @@ def test_generation_switches_flex_attention_to_sdpa_and_back(tmp_path):
     base.set_attn_implementation("sdpa")
     with attention_for_generation(model):  # nothing to switch
         assert base.config._attn_implementation == "sdpa"
+
+
+def test_module_patches_are_scoped_to_the_patched_model(monkeypatch):
+    """liger also swaps the modeling module's classes and RoPE; afterwards new models are plain again and the RoPE
+    patch only takes CUDA tensors (a CPU merge verification after GPU training must not reach a Triton kernel)."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    from zhtune.train.fast import scoped_module_patch
+
+    norm, rope = modeling_qwen2.Qwen2RMSNorm, modeling_qwen2.apply_rotary_pos_emb
+    monkeypatch.setattr(modeling_qwen2, "apply_rotary_pos_emb", rope)  # restored after the test either way
+    monkeypatch.setattr(modeling_qwen2, "Qwen2RMSNorm", norm)
+
+    def fake_liger():
+        modeling_qwen2.Qwen2RMSNorm = object
+        modeling_qwen2.apply_rotary_pos_emb = lambda *a, **k: "triton"
+
+    scoped_module_patch(modeling_qwen2, fake_liger)
+    assert modeling_qwen2.Qwen2RMSNorm is norm
+    q = k = torch.randn(1, 2, 3, 8)
+    cos, sin = torch.ones(1, 3, 8), torch.zeros(1, 3, 8)
+    out_q, out_k = modeling_qwen2.apply_rotary_pos_emb(q, k, cos, sin)
+    torch.testing.assert_close(out_q, q)  # the original function ran (cos 1, sin 0: identity)

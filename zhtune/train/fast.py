@@ -16,6 +16,7 @@ architecture liger does not cover) training goes on without it and a single log 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -60,10 +61,37 @@ def apply_liger(model) -> str | None:
     model_type = getattr(base.config, "model_type", None)
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return f"liger-kernel has no kernels for model type {model_type!r}"
-    _apply_liger_kernel_to_instance(
-        base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    scoped_module_patch(
+        importlib.import_module(type(base).__module__),
+        lambda: _apply_liger_kernel_to_instance(
+            base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        ),
     )
     return None
+
+
+def scoped_module_patch(module, apply) -> None:
+    """Run ``apply`` (which patches the model instance and, as liger does, the modeling module's globals), then put
+    the module's classes back so models built later in this process (merge verification, inference, on any device)
+    are plain; a patched rotary function stays for CUDA tensors and hands other tensors to the original."""
+    saved = dict(vars(module))
+    apply()
+    for name, original in saved.items():
+        patched = getattr(module, name, None)
+        if patched is original:
+            continue
+        if name.startswith("apply_rotary") and callable(patched):
+            setattr(module, name, _cuda_only(patched, original))
+        else:
+            setattr(module, name, original)
+
+
+def _cuda_only(fast_fn, plain_fn):
+    def rotary(q, *args, **kwargs):
+        return (fast_fn if q.is_cuda else plain_fn)(q, *args, **kwargs)
+
+    rotary.__wrapped__ = plain_fn
+    return rotary
 
 
 def select_checkpointed_layers(model, fraction: float) -> int:
