@@ -12,6 +12,7 @@ from tests.helpers import tiny_checkpoint
 from tests.train.conftest import ALPACA, write_recipe
 from zhtune.data.packing import collate_packed, collate_padded, pack_samples
 from zhtune.data.tokenize import TokenizedSample
+from zhtune.model.load import upcast_trainable
 from zhtune.train.fast import apply_fast_path, choose_attention
 from zhtune.train.loop import disable_lora_input_casting, summed_cross_entropy
 from zhtune.train.loss import summed_ce_chunked
@@ -38,9 +39,7 @@ def _model(fast: bool):
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+    upcast_trainable(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if fast:
         disable_lora_input_casting(model)

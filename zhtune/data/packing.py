@@ -120,7 +120,12 @@ def collate_padded(samples: Sequence[TokenizedSample], pad_id: int) -> dict[str,
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
 
+def real_tokens(rows: Sequence[PackedRow]) -> int:
+    """Tokens of ``rows`` that belong to a document (not row padding)."""
+    return sum(s >= 0 for r in rows for s in r.seq_ids)
+
+
 def packing_efficiency(rows: Sequence[PackedRow]) -> float:
     """Share of row tokens that are real (non-padding) tokens."""
     total = sum(len(r.input_ids) for r in rows)
-    return sum(s >= 0 for r in rows for s in r.seq_ids) / max(total, 1)
+    return real_tokens(rows) / max(total, 1)

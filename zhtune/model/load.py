@@ -96,6 +96,13 @@ def embedding_module_names(model) -> list[str]:
     return sorted(set(names))
 
 
+def upcast_trainable(model) -> None:
+    """Keep the trainable weights (and so their optimizer state) in fp32, whatever the base dtype."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
 def attach_lora(model, lora: LoraConfig, resized: bool):
     """Wrap ``model`` with a trainable LoRA adapter (or continue/merge an existing one, ``lora.init_adapter``)."""
     import peft

@@ -35,24 +35,29 @@ class FastPathReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _say_once(key: str, message: str) -> None:
+def say_once(key: str, message: str) -> None:
+    """Log ``message`` as a warning the first time ``key`` is seen in this process."""
     if key not in _said:
         _said.add(key)
         log.warning(message)
 
 
-def _base_transformer(model):
-    """The ``*ForCausalLM`` inside a peft (and DDP) wrapper."""
+def base_transformer(model):
+    """The ``*ForCausalLM`` inside a peft (and DDP/accelerate ``.module``) wrapper."""
     inner = getattr(model, "module", model)
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
-def apply_liger(model) -> str | None:
-    """Patch liger's RMSNorm/SwiGLU/RoPE into ``model``; None when applied, else the reason it was not."""
+def _on_cuda(base) -> bool:
     import torch
 
-    base = _base_transformer(model)
-    if not torch.cuda.is_available() or next(base.parameters()).device.type != "cuda":
+    return torch.cuda.is_available() and next(base.parameters()).device.type == "cuda"
+
+
+def apply_liger(model) -> str | None:
+    """Patch liger's RMSNorm/SwiGLU/RoPE into ``model``; None when applied, else the reason it was not."""
+    base = base_transformer(model)
+    if not _on_cuda(base):
         return "liger kernels need CUDA (the model is not on a GPU)"
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
@@ -98,7 +103,7 @@ def select_checkpointed_layers(model, fraction: float) -> int:
     """Keep gradient checkpointing on the first ``ceil(fraction * layers)`` decoder layers only; return that count."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in _base_transformer(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = [m for m in base_transformer(model).modules() if isinstance(m, GradientCheckpointingLayer)]
     keep = math.ceil(fraction * len(layers))
     for i, layer in enumerate(layers):
         if i >= keep:
@@ -109,27 +114,24 @@ def select_checkpointed_layers(model, fraction: float) -> int:
 def choose_attention(model, requested: str, packed: bool) -> str:
     """Resolve ``model.attn_implementation: auto``: flex attention for packed rows on CUDA (its block mask skips the
     tiles between documents), SDPA otherwise; an explicit choice is kept. Returns the implementation in use."""
-    import torch
-
     if requested != "auto":
         return requested
-    base = _base_transformer(model)
-    on_gpu = torch.cuda.is_available() and next(base.parameters()).device.type == "cuda"
-    if packed and on_gpu:
+    base = base_transformer(model)
+    if packed and _on_cuda(base):
         try:
             base.set_attn_implementation("flex_attention")
             return "flex_attention"
         except (ValueError, ImportError, AttributeError) as exc:
-            _say_once("flex", f"fast path: flex attention unavailable for {type(base).__name__} ({exc}); using SDPA")
+            say_once("flex", f"fast path: flex attention unavailable for {type(base).__name__} ({exc}); using SDPA")
     elif packed:
-        _say_once("flex", "fast path: flex attention needs CUDA for training; using SDPA with a block mask")
+        say_once("flex", "fast path: flex attention needs CUDA for training; using SDPA with a block mask")
     return getattr(base.config, "_attn_implementation", "sdpa")
 
 
 @contextlib.contextmanager
 def attention_for_generation(model):
     """Generate with SDPA while training uses flex attention: flex would recompile for every new decoding length."""
-    base = _base_transformer(model)
+    base = base_transformer(model)
     previous = getattr(base.config, "_attn_implementation", None)
     if previous != "flex_attention":
         yield model
@@ -155,7 +157,7 @@ def apply_fast_path(model, *, kernels: bool = True, checkpoint_fraction: float =
             report.applied.append("liger RMSNorm/SwiGLU/RoPE")
         else:
             report.skipped["liger"] = reason
-            _say_once("liger", f"fast path: {reason}; using the transformers implementations")
+            say_once("liger", f"fast path: {reason}; using the transformers implementations")
     if checkpoint_fraction < 1.0:
         kept = select_checkpointed_layers(model, checkpoint_fraction)
         report.applied.append(f"gradient checkpointing on the first {kept} decoder layers")

@@ -53,6 +53,12 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, grad_drop, None, None, grad_a, grad_b, None
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products run in: autocast's when it is on for ``x``'s device, else ``x``'s own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def _fusable(layer, x: torch.Tensor, args, kwargs) -> str | None:
     """The adapter name when ``layer`` can take the fused path for this call, else None."""
     if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
@@ -83,10 +89,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.base_layer
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
     dropout = self.lora_dropout[name]
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-    else:
-        dt = x.dtype
+    dt = compute_dtype(x)
     x = x.to(dt)
     x_drop = dropout(x) if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training else None
     bias = None if base.bias is None else base.bias.to(dt)

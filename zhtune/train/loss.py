@@ -13,21 +13,16 @@ fp32). Models whose last norm cannot be found use the plain path (said once).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
-log = logging.getLogger(__name__)
-_warned = False
+from zhtune.train.fast import base_transformer, say_once
+from zhtune.train.fused_lora import compute_dtype
 
 
-def _final_norm(model):
+def _final_norm(base):
     """The module whose output feeds the LM head (``model.norm`` in Llama/Qwen/GLM families), or None."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel (and accelerate's wrappers) keep it in .module
-    for attr in ("base_model", "model"):  # peft wrapper, then the *ForCausalLM
-        inner = getattr(inner, attr, inner)
-    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "model", None)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", None)
     for name in ("norm", "final_layernorm", "ln_f"):
         if decoder is not None and hasattr(decoder, name):
             return getattr(decoder, name)
@@ -79,16 +74,11 @@ def _auto_chunk(vocab: int) -> int:
 
 def summed_ce_chunked(model, inputs: dict, labels: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor | None:
     """Summed next-token cross-entropy over supervised positions; None when the fast path does not apply."""
-    global _warned
-    norm = _final_norm(model)
-    inner = getattr(model, "module", model)
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    base = base_transformer(model)
+    norm = _final_norm(base)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if norm is None or head is None:
-        if not _warned:
-            log.warning(
-                "chunked loss: no final norm / output head found on %s; using full logits", type(model).__name__
-            )
-            _warned = True
+        say_once("chunked_loss", f"chunked loss: no final norm / output head on {type(base).__name__}; full logits")
         return None
     captured = {}
     handle = norm.register_forward_hook(lambda _m, _i, out: captured.__setitem__("h", out))
@@ -103,9 +93,8 @@ def summed_ce_chunked(model, inputs: dict, labels: torch.Tensor, chunk_tokens: i
     total = out.logits.sum() * 0.0  # keeps the graph through the model's own (one-position) head
     chunk_tokens = chunk_tokens or _auto_chunk(head.weight.shape[0])
     if _fusable_head(head):
-        device = hs.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hs.dtype
-        with torch.autocast(device, enabled=False):
+        dtype = compute_dtype(hs)
+        with torch.autocast(hs.device.type, enabled=False):
             return total + _LinearCrossEntropy.apply(hs, head.weight, ys, chunk_tokens, dtype)
     for i in range(0, hs.shape[0], chunk_tokens):
         total = total + checkpoint(
