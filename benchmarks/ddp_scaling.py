@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from benchmarks.train_throughput import SHAPES, _set_checkpointing, build, samples_from
-    from zhtune.data.packing import collate_packed, pack_samples
+    from zhtune.data.packing import collate_packed, pack_samples, real_tokens
     from zhtune.train.fast import apply_fast_path
     from zhtune.train.loop import disable_lora_input_casting
     from zhtune.train.loss import summed_ce_chunked
@@ -67,7 +67,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += sum(s >= 0 for u in units for s in u.seq_ids)
+        tokens += real_tokens(units)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     total = torch.tensor(float(tokens), device="cuda")

@@ -21,8 +21,9 @@ Stacks, all in this one process on the same GPU (``--configs``, ``stack:size:ckp
 
 Reported per configuration: effective (non-pad) tokens/s and per step, MFU (model FLOPs = forward + input-gradient
 matmuls + causal attention, recomputation not counted, over 790 TFLOP/s), peak memory; then the best of each stack and
-the ratios, and a loss-parity run (same samples per step, plain vs fast, bf16, 50 steps). The plain curve runs first,
-before liger patches anything in this process, and liger's module-level patches are undone before TRL runs.
+the ratios, and a loss-parity run (same samples per step, plain vs fast, bf16, 50 steps). The plain stack (and the
+plain parity curve) runs first, before liger patches anything in this process; zhtune's liger patch leaves the modeling
+module's classes plain (``zhtune.train.fast.scoped_module_patch``) and TRL applies its own.
 Results go to ``benchmarks/results/train_throughput-<shape>.json`` (or ``--out``).
 """
 
@@ -89,18 +90,26 @@ def make_lengths(out: Path) -> None:
     out.write_text(json.dumps({"lengths": lengths}))
 
 
-def build(shape: str, device: str, attn: str = "sdpa"):
-    from peft import LoraConfig, get_peft_model
+def base_model(shape: str, device: str, attn: str = "sdpa"):
+    """A randomly initialised Qwen2.5 of the shape, bf16, seed 0 (every stack starts from the same weights)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     torch.manual_seed(0)
     config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
+
+
+def build(shape: str, device: str, attn: str = "sdpa"):
+    """``base_model`` with LoRA r=16 on all linear layers, trainable weights in fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    from zhtune.model.load import upcast_trainable
+
+    model = get_peft_model(
+        base_model(shape, device, attn), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+    )
+    upcast_trainable(model)
     return model
 
 
@@ -134,7 +143,7 @@ def run_plain(model, samples, batch: int, steps: int, warmup: int, checkpointing
     order = list(range(len(samples)))
     random.Random(1).shuffle(order)
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
-    tokens, start, losses = 0, None, []
+    tokens, start = 0, None
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
@@ -150,15 +159,16 @@ def run_plain(model, samples, batch: int, steps: int, warmup: int, checkpointing
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += int(b["attention_mask"].sum())
-        losses.append(out.loss.item())
+        out.loss.item()  # a per-step sync, as a trainer that logs its loss makes (kept as measured)
     _sync(device)
     return tokens / (time.perf_counter() - start), _peak(device), tokens / steps
 
 
 def run_zhtune(model, samples, row_len: int, rows: int, steps: int, warmup: int, device: str, attn: str = "sdpa"):
     """zhtune's loop on ``model`` as it is set up (checkpointing, kernels): packed rows, chunked loss, fused AdamW."""
-    from zhtune.data.packing import collate_packed, pack_samples
+    from zhtune.data.packing import collate_packed, pack_samples, real_tokens
     from zhtune.train.loss import summed_ce_chunked
+    from zhtune.train.schedule import supervised_tokens
 
     model.train()  # from_pretrained (the QLoRA base) returns eval mode, where checkpointing is off
     params = [p for p in model.parameters() if p.requires_grad]
@@ -176,13 +186,13 @@ def run_zhtune(model, samples, row_len: int, rows: int, steps: int, warmup: int,
         units = [packed[(step * rows + i) % len(packed)] for i in range(rows)]
         b = collate_packed(units, mask_dtype, device)
         inputs = {k: v for k, v in b.items() if k != "labels"}
-        n_sup = sum(sum(label != -100 for label in u.labels[1:]) for u in units)
+        n_sup = supervised_tokens(units)
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = summed_ce_chunked(model, inputs, b["labels"]) / n_sup
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += sum(s >= 0 for u in units for s in u.seq_ids)
+        tokens += real_tokens(units)
     _sync(device)
     return tokens / (time.perf_counter() - start), _peak(device), static, tokens / steps
 
@@ -197,13 +207,10 @@ def run_trl(
 
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, Qwen2Config, TrainerCallback
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    torch.manual_seed(0)
-    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = base_model(shape, device)
     data = Dataset.from_dict(
         {
             "input_ids": [s.input_ids for s in samples],
@@ -278,6 +285,7 @@ def loss_parity(shape, samples, steps: int, batch: int, device: str, modes=("pla
     from zhtune.train.fast import apply_fast_path
     from zhtune.train.loop import disable_lora_input_casting, summed_cross_entropy
     from zhtune.train.loss import summed_ce_chunked
+    from zhtune.train.schedule import supervised_tokens
 
     curves = {}
     for mode in modes:
@@ -292,7 +300,7 @@ def loss_parity(shape, samples, steps: int, batch: int, device: str, modes=("pla
         curve = []
         for step in range(steps):
             chunk = samples[step * batch : (step + 1) * batch]
-            n_sup = sum(sum(label != -100 for label in s.labels[1:]) for s in chunk)
+            n_sup = supervised_tokens(chunk)
             with torch.autocast(device, dtype=torch.bfloat16):
                 if mode == "plain":
                     b = collate_padded(chunk, 0)
@@ -340,20 +348,6 @@ def _peak(device: str) -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
 
-class _Snapshot:
-    """Undo liger's module-level patches (RoPE function, RMSNorm/MLP classes) so later baselines stay plain."""
-
-    def __enter__(self):
-        from transformers.models.qwen2 import modeling_qwen2
-
-        self.module, self.saved = modeling_qwen2, dict(vars(modeling_qwen2))
-        return self
-
-    def __exit__(self, *exc):
-        for key, value in self.saved.items():
-            setattr(self.module, key, value)
-
-
 def _parse(spec: str) -> dict:
     """``stack:size:ckpt[:option]``: stack plain|trl|zhtune-base|zhtune|qlora; size B (samples) or LENxROWS;
     ckpt ckpt|nockpt|ckptF (checkpoint the first F of the layers); option flex|grouped."""
@@ -375,24 +369,16 @@ def _qlora_model(shape: str):
     """A random model of the shape saved to /dev/shm and loaded the way ``zhtune train`` loads a QLoRA base."""
     import tempfile
 
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     from zhtune.config import LoraConfig, ModelConfig
-    from zhtune.model.load import attach_lora, load_base_model
+    from zhtune.model.load import attach_lora, load_base_model, upcast_trainable
 
     folder = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").exists() else None))
-    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6)
-    with torch.device("cuda"):
-        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    base_model(shape, "cuda").save_pretrained(folder)
     _free("cuda")
     model = load_base_model(ModelConfig(path=str(folder), quantization="4bit"))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
     model = attach_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=tuple(TARGETS)), False)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model
+    upcast_trainable(model)
+    return model  # checkpointing is set by the caller, as for every zhtune configuration
 
 
 def main() -> None:
@@ -432,7 +418,7 @@ def main() -> None:
     parity = {}
     if args.parity_steps:  # the plain curve first, before any kernel patches exist in this process
         parity = loss_parity(args.shape, samples, args.parity_steps, 8, device, modes=("plain",))
-    model, state, snapshot = None, None, _Snapshot().__enter__()
+    model, state = None, None
     for spec in specs:
         c = _parse(spec)
         try:
@@ -449,7 +435,6 @@ def main() -> None:
                 model = None
                 _free(device)
             if c["stack"] == "trl":
-                snapshot.__exit__()
                 tps, peak, per_step = run_trl(
                     args.shape,
                     samples,
@@ -463,7 +448,6 @@ def main() -> None:
                 )
                 static = None
             elif c["stack"] == "plain":
-                _set_checkpointing(model, c["ckpt"])
                 tps, peak, per_step = run_plain(
                     model, samples, int(c["size"]), args.steps, args.warmup, c["ckpt"], device
                 )
