@@ -98,3 +98,72 @@ def tiny_checkpoint(path: Path, arch: str, shared: Path, tokenizer: str, seed: i
         if f.name not in ("config.json", "generation_config.json", "params.json"):
             shutil.copy(f, path / f.name)
     return path
+
+
+# The families users hold as bf16 checkpoints: (architecture, shared tokenizer, shared folder with the real
+# generation_config.json, chat template name, the real embedding rows — padded past the tokenizer as released).
+REAL_FAMILIES = {
+    "qwen2.5": ("qwen2", "qwen2.5-0.5b-instruct", "qwen2.5-0.5b-instruct", "qwen", 151936),
+    "glm4": ("glm", "glm-4-9b-chat", "glm-4-9b-chat", "glm4", 151552),
+    "llama2": ("llama", "llama-2-7b", "llama-2-7b", "llama2", 32000),
+}
+
+
+def real_checkpoint(path: Path, family: str, shared: Path, seed: int = 0, max_shard_size: str = "8MB") -> Path:
+    """A tiny random checkpoint that looks like the ones users have: **bf16** weights in several safetensors shards,
+    the family's real tokenizer files and its real ``generation_config.json`` (sampling settings, repetition penalty
+    and end-of-turn ids included) from ``shared``, special-token ids in ``config.json`` as the real one has them, and
+    the real padded embedding size (more rows than the tokenizer has tokens).
+
+    Args:
+        path: folder to create.
+        family: a key of :data:`REAL_FAMILIES` (``qwen2.5``, ``glm4``, ``llama2``).
+        shared: the ``../shared`` folder.
+        seed: weight seed.
+        max_shard_size: passed to ``save_pretrained`` (the default gives 3+ shards for a 150k vocabulary).
+
+    Returns:
+        ``path``.
+    """
+    import json
+    import shutil
+
+    import transformers
+
+    from tests.tokenizers import build_tokenizer_dir
+
+    arch, tokenizer, gen_dir, _template, rows = REAL_FAMILIES[family]
+    tok_dir = build_tokenizer_dir(tokenizer, shared, path.parent / "tokenizer-cache")
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    generation = json.loads((shared / "tokenizers" / gen_dir / "generation_config.json").read_text())
+    eos = generation.get("eos_token_id")
+    ids = dict(
+        eos_token_id=eos,
+        pad_token_id=generation.get("pad_token_id", tok.pad_token_id),
+        bos_token_id=generation.get("bos_token_id", tok.bos_token_id),
+    )
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=max(rows, len(tok)),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        **ids,
+    )
+    config = {
+        "qwen2": lambda: transformers.Qwen2Config(
+            **common, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True
+        ),
+        "llama": lambda: transformers.LlamaConfig(**common, rms_norm_eps=1e-5),
+        "glm": lambda: transformers.GlmConfig(**common, head_dim=16),
+    }[arch]()
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2))  # the real file, unchanged
+    for f in tok_dir.iterdir():
+        if f.name not in ("config.json", "generation_config.json", "params.json"):
+            shutil.copy(f, path / f.name)
+    return path
