@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 
-from zhtune.data.templates import TEMPLATES, get_template
+from zhtune.data.conversation import Conversation, Message
+from zhtune.data.templates import TEMPLATES, RenderOptions, SpecialTokens, Template, get_template
 from zhtune.errors import ConfigError
 
 # Splits ``messages`` into ``system`` (or the default) and ``loop_messages``; ``{default}`` is a Jinja literal.
@@ -155,3 +156,57 @@ def chat_template_for(name: str, system: str | None = None) -> str:
 def templates_with_jinja() -> list[str]:
     """Registered template names that :func:`chat_template_for` can export."""
     return [name for name in TEMPLATES if name in _BODIES]
+
+
+# Probe conversations: one and several turns, with and without a system prompt, whole and as generation prompts.
+_PROBE_TURNS = (
+    ("你好，请介绍一下你自己。", "你好！我是一个助手。"),
+    ("把“天气很好”翻译成英文。", "The weather is nice."),
+)
+
+
+def probe_conversations() -> list[tuple[Conversation, bool]]:
+    """``(conversation, add_generation_prompt)`` pairs that tell chat templates apart."""
+    msgs = tuple(Message(role, text) for q, a in _PROBE_TURNS for role, text in (("user", q), ("assistant", a)))
+    return [
+        (Conversation(msgs[:2]), False),
+        (Conversation(msgs), False),
+        (Conversation(msgs[:1]), True),
+        (Conversation(msgs[:3], system="请简洁地回答。"), True),
+        (Conversation(msgs, system="请简洁地回答。"), False),
+    ]
+
+
+def chat_template_problems(tokenizer, template: Template, system: str | None = None) -> list[str]:
+    """Where ``tokenizer.apply_chat_template`` does not give the ids ``template`` renders (with training system
+    prompt ``system``) on the probe conversations; an empty list when they agree everywhere.
+
+    Messages carry a system turn only where the conversation has one, so a template's default system prompt (or the
+    training one) must be the chat template's default too.
+    """
+    from zhtune.data.tokenize import encode_segments
+
+    if not getattr(tokenizer, "chat_template", None):
+        return ["the tokenizer has no chat_template"]
+    problems = []
+    for conv, gen in probe_conversations():
+        options = RenderOptions(system=system, add_generation_prompt=gen)
+        segments = template.render(conv, SpecialTokens.of(tokenizer), options)
+        want, _owner = encode_segments(tokenizer, segments, template.tokenization)
+        messages = ([{"role": "system", "content": conv.system}] if conv.system is not None else []) + [
+            {"role": m.role, "content": m.content} for m in conv.messages
+        ]
+        try:
+            out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen)
+        except Exception as exc:  # noqa: BLE001 - a template that cannot render plain chat is a disagreement too
+            problems.append(f"{len(conv.messages)} turns: the chat_template fails ({type(exc).__name__}: {exc})")
+            continue
+        got = list(out["input_ids"] if hasattr(out, "keys") else out)
+        if got != want:
+            at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            where = f"{len(conv.messages)} turns" + (", system" if conv.system else "") + (", prompt" if gen else "")
+            problems.append(
+                f"{where}: ids differ from token {at} "
+                f"({tokenizer.decode(got[at : at + 8])!r} vs {tokenizer.decode(want[at : at + 8])!r})"
+            )
+    return problems

@@ -14,8 +14,18 @@ from zhtune.atomic import write_text_atomic
 from zhtune.errors import ConfigError
 from zhtune.paths import cache_root
 
+MERGE_REPORT = "merge_report.json"
 # config.json keys that say nothing about what the model computes (who saved it, with which library version)
 COSMETIC_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures")
+
+
+# how the input embedding tensor ends in the checkpoints zhtune knows (Llama/Qwen/GLM/Mistral/Phi-3, ChatGLM, GPT-2)
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight")
+
+
+def embedding_tensor_name(names) -> str | None:
+    """The input embedding among checkpoint tensor ``names`` (None when there is none)."""
+    return next((n for n in sorted(names) if n.endswith(EMBEDDING_SUFFIXES)), None)
 
 
 def weight_shards(model_dir: str | Path) -> dict[str, list[str]]:
@@ -63,10 +73,7 @@ def tensor_digests(path: Path) -> dict[str, str]:
     unchanged file is read once; a file rewritten in place (new mtime or size) is hashed again.
     """
     path = Path(path).resolve()
-    stat = path.stat()
-    key = hashlib.sha256(str(path).encode()).hexdigest()[:32]
-    cache_file = cache_root() / "fingerprints" / f"{key}.json"
-    stamp = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cache_file, stamp = _digest_cache(path)
     if cache_file.exists():
         try:
             cached = json.loads(cache_file.read_text())
@@ -82,7 +89,7 @@ def tensor_digests(path: Path) -> dict[str, str]:
         start = 8 + size
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             begin, end = info["data_offsets"]
-            h = hashlib.sha256(f"{info['dtype']}:{info['shape']};".encode())
+            h = tensor_hasher(info["dtype"], info["shape"])
             f.seek(start + begin)
             remaining = end - begin
             while remaining:
@@ -92,9 +99,31 @@ def tensor_digests(path: Path) -> dict[str, str]:
                 h.update(block)
                 remaining -= len(block)
             digests[name] = h.hexdigest()
+    remember_digests(path, digests)
+    return digests
+
+
+def tensor_hasher(dtype: str, shape: list[int]):
+    """The sha256 object a tensor's digest starts from (its safetensors dtype name and shape); feed it the bytes."""
+    return hashlib.sha256(f"{dtype}:{list(shape)};".encode())
+
+
+def remember_digests(path: Path, digests: dict[str, str]) -> None:
+    """Store ``digests`` as the tensor digests of the file ``path`` as it is now (a writer that hashed the bytes
+    while writing them spares the next fingerprint a read)."""
+    cache_file, stamp = _digest_cache(Path(path).resolve())
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(cache_file, json.dumps({**stamp, "tensors": digests}))
-    return digests
+
+
+def _digest_cache(path: Path) -> tuple[Path, dict]:
+    stat = path.stat()
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:32]
+    return cache_root() / "fingerprints" / f"{key}.json", {
+        "path": str(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
 
 
 def base_fingerprint(model_dir: str | Path) -> str:
@@ -116,6 +145,27 @@ def base_fingerprint(model_dir: str | Path) -> str:
     for name in sorted(digests):
         h.update(f"{name}={digests[name]};".encode())
     return h.hexdigest()[:16]
+
+
+def model_lineage(model_dir: str | Path) -> dict:
+    """How a model was made: ``{"root": fingerprint, "adapters": [sha256, ...]}``.
+
+    A zhtune-merged model whose ``merge_report.json`` still describes it (its recorded fingerprint equals the folder's
+    own) is the root model plus the adapters merged into it, in order; any other model (or a merged one changed since)
+    is its own root. Training records the lineage of the model an adapter was trained on, so that ``zhtune merge`` can
+    check every adapter of a chain against the model it is applied to.
+    """
+    fingerprint = base_fingerprint(model_dir)
+    report = Path(model_dir) / MERGE_REPORT
+    if report.exists():
+        try:
+            recorded = json.loads(report.read_text())
+        except ValueError:
+            recorded = {}
+        lineage = recorded.get("lineage")
+        if lineage and recorded.get("fingerprint") == fingerprint:
+            return {"root": lineage["root"], "adapters": list(lineage["adapters"])}
+    return {"root": fingerprint, "adapters": []}
 
 
 def file_sha256(path: Path) -> str:
