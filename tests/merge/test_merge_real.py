@@ -203,3 +203,19 @@ def test_remote_code_files_are_copied_or_the_merge_is_refused_before_writing(sha
     out = merge_adapters(base, [tmp_path / "ad"], tmp_path / "merged").out
     assert (out / "configuration_custom.py").read_text() == "# the checkpoint's own code\n"
     assert (out / "helpers_custom.py").exists()
+
+
+def test_merge_then_new_adapter_records_the_merged_base_it_trained_on(qwen_run, shared, tmp_path):
+    base, first = qwen_run
+    init = {"init_adapter": {"path": str(first), "mode": "merge_then_new"}}
+    second = train_adapter(base, shared, tmp_path, "qwen", name="second", lora=init)
+    meta = json.loads((second / "zhtune_adapter.json").read_text())
+    first_meta = json.loads((first / "zhtune_adapter.json").read_text())
+    assert meta["base_fingerprint"] is None  # base + first merged in memory: no folder holds that model
+    assert meta["base_lineage"]["root"] == first_meta["base_lineage"]["root"]
+    assert len(meta["base_lineage"]["adapters"]) == 1
+    with pytest.raises(ConfigError, match="trained on another model"):
+        merge_adapters(base, [second], tmp_path / "alone")
+    out = merge_adapters(base, [first, second], tmp_path / "chain").out
+    checks = checks_by_name(verify_merge(base, [first, second], out))
+    assert all(c["passed"] for c in checks.values()), {k: c for k, c in checks.items() if not c["passed"]}

@@ -131,7 +131,7 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
 
     cfg = recipe.train
     out, resume = _prepare_output(recipe)
-    accelerator = Accelerator(mixed_precision=MIXED[recipe.model.dtype], cpu=not torch.cuda.is_available())
+    accelerator = _fresh_accelerator(Accelerator, MIXED[recipe.model.dtype])
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code)
@@ -250,6 +250,16 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
+
+
+def _fresh_accelerator(accelerator_cls, mixed_precision: str):
+    """An ``Accelerator`` for this run. accelerate keeps its settings in a process-wide singleton and refuses another
+    mixed precision later in the same process (a pipeline's second stage in bf16 after one in fp32); the singleton is
+    cleared first, keeping the distributed state (``PartialState``) that torchrun set up."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return accelerator_cls(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def _run_evaluator(evaluator, accelerator, model, tokenizer, step, metrics, out, recipe, best) -> dict:
