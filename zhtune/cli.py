@@ -274,12 +274,26 @@ def cgec_data(args: argparse.Namespace) -> int:
     return 0
 
 
+class _SubcommandsWithCommonOptions:
+    """``add_parser`` that gives every subcommand the common options (``--verbose``)."""
+
+    def __init__(self, subparsers, common: argparse.ArgumentParser):
+        self.subparsers, self.common = subparsers, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self.subparsers.add_parser(name, parents=[self.common], **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zhtune", description="LoRA tuning, merging and CGEC evaluation for Chinese LLMs."
     )
     parser.add_argument("--version", action="version", version=f"zhtune {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", help="show the libraries' progress bars, warnings and log lines too"
+    )
+    sub = _SubcommandsWithCommonOptions(parser.add_subparsers(dest="command", metavar="COMMAND"), common)
 
     p = sub.add_parser("render", help="show what the model sees: rendered prompts, supervised spans, lengths")
     p.add_argument("--tokenizer", required=True, help="local tokenizer or checkpoint directory")
@@ -355,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tables", help="ChERRANT's lookup tables for zhtune score: `zhtune tables download`")
     tables_sub = p.add_subparsers(dest="tables_command", metavar="ACTION", required=True)
-    q = tables_sub.add_parser("download", help="fetch cilin.txt and confusion_dict.txt, check their sha256")
+    q = tables_sub.add_parser(
+        "download", parents=[common], help="fetch cilin.txt and confusion_dict.txt, check their sha256"
+    )
     q.add_argument("--url", default=None, help="base URL of the two files (default: ChERRANT's repository)")
     q.add_argument("--dest", default=None, help="folder to write (default: ~/.cache/zhtune/cherrant_tables)")
     q.set_defaults(func=tables)
@@ -375,8 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zhtune.console import configure_console
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_console(getattr(args, "verbose", False))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
