@@ -78,7 +78,8 @@ def quantization_config(config: ModelConfig):
 
 def fit_embeddings(model, vocab_size: int) -> bool:
     """Grow the embeddings (and head) to ``vocab_size`` rows when the tokenizer is larger; return whether it did."""
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # under DeepSpeed ZeRO-3 loading the local shape is empty
     if vocab_size <= rows:
         return False
     log.info("resizing embeddings %d -> %d to fit the tokenizer", rows, vocab_size)

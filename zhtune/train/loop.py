@@ -1,7 +1,8 @@
 """The training loop, written out in one place.
 
 ``train(recipe)`` runs LoRA instruction tuning on 1..N processes (launched by ``torchrun`` or ``accelerate
-launch``; the loop itself never spawns processes). The loss of an optimizer step is the summed cross-entropy over all
+launch``, as DDP, FSDP2 or DeepSpeed ZeRO-2/3: ``zhtune.train.distributed``; the loop itself never spawns
+processes). The loss of an optimizer step is the summed cross-entropy over all
 supervised tokens of all its micro-batches on all ranks, divided by their count, so gradient accumulation and data
 parallelism give the same numbers as one big batch. Checkpoints are atomic and a resumed run continues the exact
 same sequence (data order, RNG, optimizer, scheduler).
@@ -9,7 +10,6 @@ same sequence (data order, RNG, optimizer, scheduler).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -24,7 +24,24 @@ from zhtune.errors import ConfigError
 from zhtune.model.checkpoint_files import base_fingerprint, file_sha256, model_lineage
 from zhtune.model.load import attach_lora, fit_embeddings, load_base_model, upcast_trainable, write_adapter_meta
 from zhtune.model.tokenizer import load_tokenizer
-from zhtune.train.checkpoint import CHECKPOINTS, find_checkpoint, load_checkpoint, save_checkpoint
+from zhtune.train.checkpoint import (
+    CHECKPOINTS,
+    find_checkpoint,
+    peft_to_live_names,
+    read_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
+from zhtune.train.distributed import (
+    deepspeed_launched,
+    gather_optimizer,
+    gather_trainable,
+    restore_optimizer,
+    restore_trainable,
+    select_engine,
+    trainable_named,
+)
 from zhtune.train.fast import apply_fast_path, attention_for_generation, choose_attention
 from zhtune.train.loss import summed_ce_chunked
 from zhtune.train.metrics import MetricsWriter, plot_loss
@@ -79,11 +96,16 @@ def evaluate(model, accelerator, units: list, data, micro_batch_size: int, mask_
     model.eval()
     mine = units[accelerator.process_index :: accelerator.num_processes]
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for i in range(0, len(mine), micro_batch_size):
+    # every rank runs the same number of forward passes (a sharded model gathers weights in each one); a rank
+    # short of units runs the first unit again and counts nothing
+    rounds = math.ceil(math.ceil(len(units) / accelerator.num_processes) / micro_batch_size)
+    for i in range(0, rounds * micro_batch_size, micro_batch_size):
         chunk = mine[i : i + micro_batch_size]
-        batch = collate(chunk, data.packed, data.pad_id, mask_dtype, accelerator.device)
-        total[0] += _forward_loss(model, batch, accelerator.device, chunked)
-        total[1] += supervised_tokens(chunk)
+        batch = collate(chunk or units[:1], data.packed, data.pad_id, mask_dtype, accelerator.device)
+        loss = _forward_loss(model, batch, accelerator.device, chunked)
+        if chunk:
+            total[0] += loss
+            total[1] += supervised_tokens(chunk)
     total = accelerator.reduce(total, "sum")
     model.train()
     return (total[0] / total[1].clamp(min=1)).item()
@@ -132,6 +154,7 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     cfg = recipe.train
     out, resume = _prepare_output(recipe)
     accelerator = _fresh_accelerator(Accelerator, MIXED[recipe.model.dtype])
+    engine = select_engine(accelerator, recipe)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code)
@@ -153,29 +176,32 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     if not cfg.fast_path and requested == "auto":
         requested = "sdpa"
     attn = choose_attention(model, requested, data.packed)
+    # ZeRO-3 gathers a module's weights only around its own forward: the fused kernels read them directly, so are off
+    kernels = cfg.fast_path and engine.keeps_fused_kernels
     fast = apply_fast_path(
         model,
-        kernels=cfg.fast_path,
+        kernels=kernels,
         checkpoint_fraction=recipe.model.checkpoint_fraction if recipe.model.gradient_checkpointing else 1.0,
     )
     if main:
-        print(f"fast path: attention {attn}; " + "; ".join(fast.applied or ["no kernels"]), flush=True)
-    params = [p for p in model.parameters() if p.requires_grad]
+        applied = "; ".join(fast.applied or ["no kernels"])
+        print(f"engine {engine.name}; fast path: attention {attn}; {applied}", flush=True)
     # fused AdamW on CUDA: one kernel for all LoRA tensors, no foreach temporaries (same update rule)
     fused = accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    model, optimizer = engine.prepare(
+        model, lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    )
     schedule = StepSchedule(
         len(data.train_units), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, cfg.seed
     )
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * schedule.steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else round(cfg.warmup_ratio * total_steps)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
     # SDPA takes a boolean block mask; flex attention builds its block-sparse mask from the position ids
     mask_dtype = {"sdpa": torch.bool, "flex_attention": None}.get(attn, torch.float32)
-    chunked = cfg.chunked_loss and cfg.fast_path
+    chunked = cfg.chunked_loss and kernels
 
-    step = load_checkpoint(resume, accelerator.unwrap_model(model), optimizer, scheduler) if resume else 0
+    step = _resume(resume, engine, optimizer, scheduler) if resume else 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.resolved.json").write_text(json.dumps(recipe_to_dict(recipe), indent=2, ensure_ascii=False))
@@ -200,20 +226,18 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
         loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
         for j, mb in enumerate(mine):
             units = [data.train_units[i] for i in mb]
-            sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
-            with sync:
+            last = j == len(mine) - 1
+            with engine.sync(last):
                 batch = collate(units, data.packed, data.pad_id, mask_dtype, accelerator.device)
                 ce = _forward_loss(model, batch, accelerator.device, chunked)
-                # DDP averages gradients over ranks; scaling by world size makes the result sum / all tokens.
-                accelerator.backward(ce * accelerator.num_processes / max(n_tok, 1))
+                # every engine averages gradients over ranks; scaling by world size makes the result sum / all tokens
+                engine.backward(ce * accelerator.num_processes / max(n_tok, 1), last)
             loss_sum += ce.detach()
             tokens_seen += sum(len(u.input_ids) for u in units)
         loss = (accelerator.reduce(loss_sum, "sum") / max(n_tok, 1)).item()
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        grad_norm = engine.step(cfg.max_grad_norm)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         elapsed = time.perf_counter() - started
         last = {
@@ -222,7 +246,7 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
             "loss": loss,
             "lr": lr,
             "tokens_per_s": round(tokens_seen * accelerator.num_processes / max(elapsed, 1e-9), 1),
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "grad_norm": grad_norm,
         }
         if step % cfg.log_every == 0 or step == total_steps:
             metrics.log(last)
@@ -235,17 +259,16 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
             metrics.log({"step": step, "eval_loss": last["eval_loss"]})
         for evaluator in evaluators:
             if evaluator.every > 0 and (step % evaluator.every == 0 or step == total_steps):
-                best = _run_evaluator(evaluator, accelerator, model, tokenizer, step, metrics, out, recipe, best)
-        if main and ((cfg.save_every > 0 and step % cfg.save_every == 0) or step == total_steps):
-            save_checkpoint(
-                out, step, accelerator.unwrap_model(model), optimizer, scheduler, {"loss": loss, "epoch": last["epoch"]}
-            )
+                best = _run_evaluator(evaluator, engine, tokenizer, step, metrics, out, recipe, best)
+        if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == total_steps:
+            _save_checkpoint(out, step, engine, optimizer, scheduler, {"loss": loss, "epoch": last["epoch"]})
         accelerator.wait_for_everyone()
     bar.close()
     metrics.close()
-    summary = {"steps": step, "last": last, "output": str(out), "best": best}
+    summary = {"steps": step, "last": last, "output": str(out), "best": best, "engine": engine.name}
+    weights = gather_trainable(engine)
     if main:
-        summary["adapter"] = str(_save_final_adapter(out, accelerator.unwrap_model(model), tokenizer, recipe))
+        summary["adapter"] = str(_save_final_adapter(out, engine.unwrapped(), weights, tokenizer, recipe))
         summary["plot"] = str(plot_loss(out, title=_plot_title(recipe, out)))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
@@ -269,31 +292,82 @@ def _fresh_accelerator(accelerator_cls, mixed_precision: str):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    return accelerator_cls(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    # accelerate sets DeepSpeed up only when not told cpu=True (DeepSpeed has its own CPU accelerator)
+    cpu = not torch.cuda.is_available() and not deepspeed_launched()
+    return accelerator_cls(mixed_precision=mixed_precision, cpu=cpu)
 
 
-def _run_evaluator(evaluator, accelerator, model, tokenizer, step, metrics, out, recipe, best) -> dict:
-    """Run one in-loop evaluation on the main process; keep the best adapter by ``evaluator.best_key``."""
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+def _resume(path: Path, engine, optimizer, scheduler) -> int:
+    """Put the full states of checkpoint ``path`` back into the (possibly sharded) model and optimizer on every rank;
+    return its step."""
+    weights, state = read_checkpoint(path)
+    live = [name for name, _p in trainable_named(engine.unwrapped())]
+    restore_trainable(engine, peft_to_live_names(weights, live), path)
+    restore_optimizer(engine, optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state, engine.accelerator.process_index)
+    return int(state["step"])
+
+
+def _save_checkpoint(out: Path, step: int, engine, optimizer, scheduler, info: dict) -> None:
+    """Gather the full states on every rank (sharded engines need all of them), write them from the main process."""
+    weights = gather_trainable(engine)
+    state = {
+        "optimizer": gather_optimizer(engine, optimizer, step),
+        "scheduler": scheduler.state_dict(),
+        "rng": _all_ranks(engine.accelerator, rng_state()),
+    }
+    if engine.accelerator.is_main_process:
+        model = engine.unwrapped()
+        save_checkpoint(out, step, lambda tmp: model.save_pretrained(tmp, state_dict=weights), state, info)
+
+
+def _all_ranks(accelerator, value) -> list:
+    """``value`` of every rank, in rank order (a list of one without a process group)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    gathered = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def _run_evaluator(evaluator, engine, tokenizer, step, metrics, out, recipe, best) -> dict:
+    """Run one in-loop evaluation and keep the best adapter by ``evaluator.best_key``.
+
+    A sharded model (FSDP2, ZeRO-3) gathers its weights inside every forward pass, so every rank runs the same
+    evaluation in step (redundant work, but no rank waits on a collective another rank never joins); otherwise the
+    main process runs it alone. The values are shared so that all ranks take part in gathering the best adapter.
+    """
+    accelerator = engine.accelerator
+    values = None
+    if engine.shards_parameters or accelerator.is_main_process:
+        unwrapped = engine.unwrapped()
         unwrapped.eval()
         with attention_for_generation(unwrapped):
             values = evaluator(unwrapped, tokenizer, step)
         unwrapped.train()
-        metrics.log({"step": step, **values})
-        key = evaluator.best_key
-        if key and (key not in best or values[key] > best[key]):
-            best = {**best, key: values[key], f"{key}_step": step}
-            _save_final_adapter(out, unwrapped, tokenizer, recipe, name="best_adapter", extra={"best": best})
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        values = broadcast_object_list([values])[0]
+    metrics.log({"step": step, **values})
+    key = evaluator.best_key
+    if key and (key not in best or values[key] > best[key]):
+        best = {**best, key: values[key], f"{key}_step": step}
+        weights = gather_trainable(engine)
+        if accelerator.is_main_process:
+            model = engine.unwrapped()
+            _save_final_adapter(out, model, weights, tokenizer, recipe, name="best_adapter", extra={"best": best})
     accelerator.wait_for_everyone()
     return best
 
 
 def _save_final_adapter(
-    out: Path, model, tokenizer, recipe: Recipe, name: str = "adapter", extra: dict | None = None
+    out: Path, model, weights: dict, tokenizer, recipe: Recipe, name: str = "adapter", extra: dict | None = None
 ) -> Path:
+    """Write the full (gathered) adapter ``weights`` of ``model`` as a peft adapter folder ``out/name``."""
     with atomic_dir(out / name) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         write_adapter_meta(tmp, {**_adapter_meta(recipe), **(extra or {})})
     return out / name
