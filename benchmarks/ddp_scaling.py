@@ -2,7 +2,8 @@
 
 Each rank holds the whole model (DDP), takes its own packed rows of every step (the global batch grows with N, as
 data parallelism does), and the effective tokens/s of all ranks together is reported. Run it with N=1 and N=2 in the
-same job and compare: scaling efficiency = tokens/s(N=2) / (2 x tokens/s(N=1)).
+same job and compare: scaling efficiency = tokens/s(N=2) / (2 x tokens/s(N=1)); ``benchmarks/multi_gpu.py`` does that
+for 1, 2, 4, ... N GPUs together with the FSDP2 / ZeRO-3 runs.
 """
 
 from __future__ import annotations

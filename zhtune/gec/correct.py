@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from zhtune.atomic import write_text_atomic
 from zhtune.data.conversation import Conversation, Message
 from zhtune.data.readers import tab_lines
 from zhtune.gec.corpora import CGEC_INSTRUCTION
@@ -89,7 +90,8 @@ def correct_rows(
 
 
 def write_para(rows: list[tuple[str, str, str]], path: str | Path) -> None:
-    Path(path).write_text("".join(f"{i}\t{s}\t{h}\n" for i, s, h in rows), encoding="utf-8")
+    # atomic: under sharded training every rank runs the in-training evaluation and writes the same file
+    write_text_atomic(path, "".join(f"{i}\t{s}\t{h}\n" for i, s, h in rows))
 
 
 def correct_and_score(

@@ -56,6 +56,10 @@ class DataParallel:
         if accelerator.num_processes == 1:
             self.name = "single"
 
+    def place(self, model) -> None:
+        """Move the whole model to this rank's device before :meth:`prepare`."""
+        model.to(self.accelerator.device)
+
     def prepare(self, model, make_optimizer):
         """Wrap ``model`` (DDP, autocast) and build its optimizer; return ``(model, torch optimizer)``."""
         optimizer = make_optimizer([p for _, p in trainable_named(model)])
@@ -101,6 +105,9 @@ class Fsdp2(DataParallel):
 
     def __init__(self, accelerator, plugin, compute_dtype: torch.dtype):
         self.accelerator, self.plugin, self.compute_dtype = accelerator, plugin, compute_dtype
+
+    def place(self, model) -> None:
+        """Nothing: ``fully_shard`` moves each rank's shards to its device, one layer at a time."""
 
     def prepare(self, model, make_optimizer):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

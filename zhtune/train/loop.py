@@ -159,38 +159,7 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code)
     data = build_data(recipe, tokenizer)
-    model = load_base_model(recipe.model)
-    resized = fit_embeddings(model, len(tokenizer))
-    if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = attach_lora(model, recipe.lora, resized)
-    upcast_trainable(model)
-    if recipe.model.dtype != "fp32":
-        # Under autocast the LoRA matmuls run in bf16/fp16 anyway; peft's own cast of every input to the fp32 adapter
-        # dtype only adds full-size copies (16% of GPU time on a 7B step, measured in benchmarks/).
-        disable_lora_input_casting(model)
-    if recipe.model.quantization == "none":
-        model.to(accelerator.device)  # the fast path patches device-specific kernels (a 4-bit model is placed already)
-    requested = recipe.model.attn_implementation
-    if not cfg.fast_path and requested == "auto":
-        requested = "sdpa"
-    attn = choose_attention(model, requested, data.packed)
-    # ZeRO-3 gathers a module's weights only around its own forward: the fused kernels read them directly, so are off
-    kernels = cfg.fast_path and engine.keeps_fused_kernels
-    fast = apply_fast_path(
-        model,
-        kernels=kernels,
-        checkpoint_fraction=recipe.model.checkpoint_fraction if recipe.model.gradient_checkpointing else 1.0,
-    )
-    if main:
-        applied = "; ".join(fast.applied or ["no kernels"])
-        print(f"engine {engine.name}; fast path: attention {attn}; {applied}", flush=True)
-    # fused AdamW on CUDA: one kernel for all LoRA tensors, no foreach temporaries (same update rule)
-    fused = accelerator.device.type == "cuda"
-    model, optimizer = engine.prepare(
-        model, lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    )
+    model, optimizer, attn, kernels = _prepare_model(recipe, engine, len(tokenizer), data.packed)
     schedule = StepSchedule(
         len(data.train_units), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, cfg.seed
     )
@@ -247,8 +216,12 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
             "lr": lr,
             "tokens_per_s": round(tokens_seen * accelerator.num_processes / max(elapsed, 1e-9), 1),
             "grad_norm": grad_norm,
+            "time_s": round(elapsed, 3),
         }
         if step % cfg.log_every == 0 or step == total_steps:
+            if accelerator.device.type == "cuda":  # the largest peak of any rank, for the memory a run needs per GPU
+                peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=accelerator.device)
+                last["peak_gib"] = round(accelerator.gather(peak).max().item(), 2)
             metrics.log(last)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
         bar.update(1)
@@ -273,6 +246,46 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
+
+
+def _prepare_model(recipe: Recipe, engine, vocab_size: int, packed: bool):
+    """Load the base, attach LoRA, let the engine wrap or shard it with its optimizer, then apply the fast path
+    (after sharding, so FSDP2 never holds the whole base on one GPU). Returns ``(model, optimizer, attention,
+    kernels)``, ``kernels`` telling whether the fused pieces (and so the chunked loss) are on."""
+    cfg = recipe.train
+    model = load_base_model(recipe.model)
+    resized = fit_embeddings(model, vocab_size)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = attach_lora(model, recipe.lora, resized)
+    upcast_trainable(model)
+    if recipe.model.dtype != "fp32":
+        # Under autocast the LoRA matmuls run in bf16/fp16 anyway; peft's own cast of every input to the fp32 adapter
+        # dtype only adds full-size copies (16% of GPU time on a 7B step, measured in benchmarks/).
+        disable_lora_input_casting(model)
+    if recipe.model.quantization == "none":
+        engine.place(model)  # the fast path patches device-specific kernels (a 4-bit model is placed already)
+    # fused AdamW on CUDA: one kernel for all LoRA tensors, no foreach temporaries (same update rule)
+    fused = engine.accelerator.device.type == "cuda"
+    model, optimizer = engine.prepare(
+        model, lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    )
+    requested = recipe.model.attn_implementation
+    if not cfg.fast_path and requested == "auto":
+        requested = "sdpa"
+    attn = choose_attention(model, requested, packed)
+    # ZeRO-3 gathers a module's weights only around its own forward: the fused kernels read them directly, so are off
+    kernels = cfg.fast_path and engine.keeps_fused_kernels
+    fast = apply_fast_path(
+        model,
+        kernels=kernels,
+        checkpoint_fraction=recipe.model.checkpoint_fraction if recipe.model.gradient_checkpointing else 1.0,
+    )
+    if engine.accelerator.is_main_process:
+        applied = "; ".join(fast.applied or ["no kernels"])
+        print(f"engine {engine.name}; fast path: attention {attn}; {applied}", flush=True)
+    return model, optimizer, attn, kernels
 
 
 def _plot_title(recipe: Recipe, out: Path) -> str:
