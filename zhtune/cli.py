@@ -117,6 +117,36 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare(args: argparse.Namespace) -> int:
+    """``zhtune prepare RECIPE.yaml``: tokenize and pack the recipe's data into the cache (or find it there)."""
+    import json
+
+    from zhtune.config import load_recipe
+    from zhtune.data.cache import cache_dir, clean_cache, prepare_data
+    from zhtune.model.tokenizer import load_tokenizer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.clean:
+        removed, freed = clean_cache(recipe.data)
+        print(f"removed {removed} prepared data set(s) from {cache_dir(recipe.data)}, {freed / 2**20:.1f} MB freed")
+        return 0
+    prepared = prepare_data(
+        recipe, lambda: load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code)
+    )
+    if args.json:
+        counts = {k: v for k, v in prepared.layout_meta.items() if k not in ("train", "val")}
+        for split in ("train", "val"):
+            counts[split] = {k: v for k, v in prepared.layout_meta[split].items() if k != "summary"}
+        meta = {k: v for k, v in prepared.meta.items() if k not in ("inputs", "key")}
+        head = {"cache": str(prepared.layout_folder), "built": list(prepared.built), "seconds": prepared.seconds}
+        print(json.dumps({**head, "load": meta, **counts}, ensure_ascii=False))
+        return 0
+    print(prepared.describe())
+    for name, text in prepared.reports().items():
+        print(f"{name}: {text}")
+    return 0
+
+
 def score(args: argparse.Namespace) -> int:
     """``zhtune score``: ChERRANT char-level P/R/F0.5 of a hypothesis para file against M2 or para references."""
     import json
@@ -293,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=train)
+
+    p = sub.add_parser("prepare", help="tokenize and pack a recipe's data once into the cache that train maps")
+    p.add_argument("recipe", help="recipe YAML (the data, template, tokenize and model.tokenizer sections count)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for train")
+    p.add_argument("--clean", action="store_true", help="remove every prepared data set in the cache folder and exit")
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+    p.set_defaults(func=prepare)
 
     p = sub.add_parser("merge", help="fold LoRA adapters into the base weights, shard by shard, and verify")
     p.add_argument("--base", required=True, help="base checkpoint folder (safetensors)")
