@@ -14,7 +14,8 @@ import yaml
 
 from zhtune.cli import main
 from zhtune.pipeline.config import load_pipeline
-from zhtune.pipeline.runner import read_manifest, stage_states
+from zhtune.pipeline.manifest import read_manifest
+from zhtune.pipeline.runner import stage_states
 
 STAGES = ["01-instruct", "02-merge_instruct", "03-cgec", "04-merge_cgec", "05-evaluate"]
 
@@ -25,6 +26,55 @@ def demo_run(tmp_path_factory, shared):  # ../shared holds the ChERRANT tables t
     start = time.perf_counter()
     assert main(["demo", "--out", str(out)]) == 0
     return out, time.perf_counter() - start
+
+
+def without_timing(value):
+    """``value`` without wall-clock fields (``seconds``, ``wall_s``, ``*_per_s``): they differ between equal runs."""
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if not (k == "seconds" or k.endswith("_s"))}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def test_without_timing_keeps_everything_else():
+    metrics = {"cgec": {"final": {"f0.5": 0.3, "seconds": 0.02, "speed": {"tokens_per_s": 9.0, "accepted": 2}}}}
+    assert without_timing(metrics) == {"cgec": {"final": {"f0.5": 0.3, "speed": {"accepted": 2}}}}
+
+
+def bump_one_weight(model_dir):
+    """Change one value of one tensor in place, as a user editing (or re-downloading) weights would."""
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted(model_dir.glob("*.safetensors"))[0]
+    state = load_file(shard)
+    name = next(n for n in state if n.endswith("norm.weight"))
+    state[name][0] += 0.5
+    save_file(state, shard, metadata={"format": "pt"})
+
+
+def copy_run(run, dest):
+    """A copy of a finished run whose manifests point at the copy (they record absolute paths)."""
+    shutil.copytree(run, dest)
+    for manifest in dest.glob("*/manifest.json"):
+        manifest.write_text(manifest.read_text().replace(str(run), str(dest)))
+    return dest
+
+
+def test_in_place_weight_changes_make_downstream_stages_stale(demo_run, tmp_path):
+    out, _ = demo_run
+    run = copy_run(out / "run", tmp_path / "run")
+    base = tmp_path / "base-model"
+    shutil.copytree(out / "base-model", base)
+    tree = yaml.safe_load((out / "pipeline.yaml").read_text())
+    tree.update(work_dir=str(run), base=str(base))
+    recipe = tmp_path / "pipeline.yaml"
+    recipe.write_text(yaml.safe_dump(tree, allow_unicode=True, sort_keys=False))
+    assert [s for _n, _k, s in stage_states(load_pipeline(recipe))] == ["done"] * 5  # same bytes: still done
+    bump_one_weight(run / "02-merge_instruct" / "model")
+    assert [s for _n, _k, s in stage_states(load_pipeline(recipe))] == ["done"] + ["stale"] * 4
+    bump_one_weight(base)
+    assert [s for _n, _k, s in stage_states(load_pipeline(recipe))] == ["stale"] * 5
 
 
 def with_work_dir(recipe, work, path):
@@ -110,8 +160,8 @@ def test_kill_during_second_sft_then_resume_equals_uninterrupted(demo_run, tmp_p
     log = resumed.stdout
     assert "[instruct] done, skipped" in log and "[merge_instruct] done, skipped" in log
     assert "[cgec] resuming sft" in log
-    ours = read_manifest(tmp_path / "run" / "05-evaluate")["metrics"]
-    reference = read_manifest(out / "run" / "05-evaluate")["metrics"]
+    ours = without_timing(read_manifest(tmp_path / "run" / "05-evaluate")["metrics"])
+    reference = without_timing(read_manifest(out / "run" / "05-evaluate")["metrics"])
     assert json.dumps(ours, sort_keys=True) == json.dumps(reference, sort_keys=True)
     ours_loss = read_manifest(tmp_path / "run" / "03-cgec")["metrics"]
     ref_loss = read_manifest(out / "run" / "03-cgec")["metrics"]

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from zhtune.pipeline.config import PipelineConfig
-from zhtune.pipeline.runner import read_manifest
+from zhtune.pipeline.manifest import read_manifest
 
 
 def _table(header: list[str], rows: list[list]) -> str:
