@@ -18,13 +18,6 @@ SHARED_MISSING = f"../shared is absent ({SHARED}): real tokenizers and data are 
 os.environ.setdefault("ZHTUNE_CACHE", tempfile.mkdtemp(prefix="zhtune-test-cache-"))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _prepared_data_cache(tmp_path_factory):
-    """Prepared data of the session goes to a temporary folder, never to the user's ~/.cache/zhtune (subprocesses
-    inherit it); tests that check building set ``data.cache_dir`` themselves."""
-    os.environ["ZHTUNE_CACHE"] = str(tmp_path_factory.mktemp("zhtune-cache"))
-
-
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not (SHARED / "tokenizers").is_dir():

@@ -27,7 +27,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -45,6 +44,7 @@ from zhtune.data.packing import row_from_arrays
 from zhtune.data.prepare import build_layout, build_samples, open_arrays, record_origins
 from zhtune.data.tokenize import IGNORE_INDEX, TokenizedSample
 from zhtune.errors import ConfigError
+from zhtune.paths import cache_root
 
 CACHE_FORMAT = 1
 SAMPLES_PREFIX = "samples-"
@@ -56,10 +56,7 @@ _NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".
 def cache_dir(data: DataConfig) -> Path:
     """Where prepared data sets live: ``data.cache_dir``, else ``$ZHTUNE_CACHE/data``, else
     ``~/.cache/zhtune/data``."""
-    if data.cache_dir:
-        return Path(data.cache_dir).expanduser()
-    root = os.environ.get("ZHTUNE_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "zhtune") / "data"
+    return Path(data.cache_dir).expanduser() if data.cache_dir else cache_root() / "data"
 
 
 def file_digest(path: Path) -> str:
