@@ -100,12 +100,11 @@ def test_byte_positions_need_the_last_byte_rule(shared, real_tokenizer):
     tokenizer, template = real_tokenizer("qwen2.5-0.5b-instruct"), get_template("qwen")
     convs = load(shared, ["belle/dev1K.json"], limit=200)
     encoder = BatchEncoder(tokenizer, template, TokenizeConfig(), RenderOptions())
-    texts, runs = encoder._render(convs)
-    ids, counts, supervised = encoder._encode_joined(texts, runs)
+    rendered = encoder.render(convs)
+    ids, counts, supervised = encoder._encode_joined(rendered)
     units = encoder.byte_table[ids]
     local_end, _totals = _local_cumsum(units, counts)
-    run_bytes = [[len(t.encode()) for t in r[0]] for r in runs]
-    first_byte = _owner_keep(local_end - units, counts, run_bytes, [r[1] for r in runs])
+    first_byte = _owner_keep(local_end - units, counts, rendered.run_bytes, [r[1] for r in rendered.runs])
     assert (first_byte != supervised).sum() > 0
     ref = np.concatenate([np.array(tokenize_conversation(c, tokenizer, template).labels) for c in convs])
     np.testing.assert_array_equal(supervised, ref != IGNORE_INDEX)

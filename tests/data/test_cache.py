@@ -150,15 +150,15 @@ def test_chunks_bound_what_is_in_memory_and_do_not_change_the_result(shared, qwe
     recipe = make_recipe(shared / QWEN, [shared / BELLE, shared / ALPACA], tmp_path / "a")
     reference = prepare_data(recipe, lambda: qwen)
     seen = []
-    real_call = prepare_module.ChunkEncoder.__call__
+    real_front = prepare_module.ChunkEncoder.front
 
     def spy(self, items):
         seen.append(len(items))
-        return real_call(self, items)
+        return real_front(self, items)
 
     monkeypatch.setattr(prepare_module, "CHUNK_RECORDS", 37)
     monkeypatch.setattr(readers_module, "BLOCK_BYTES", 4093)  # records and UTF-8 characters split across blocks
-    monkeypatch.setattr(prepare_module.ChunkEncoder, "__call__", spy)
+    monkeypatch.setattr(prepare_module.ChunkEncoder, "front", spy)
     small = prepare_data(make_recipe(shared / QWEN, [shared / BELLE, shared / ALPACA], tmp_path / "b"), lambda: qwen)
     assert max(seen) == 37 and sum(seen) == 2000
     for name in ("input_ids", "supervised", "sample_length", "record_line", "record_valid"):

@@ -62,6 +62,7 @@ class ChunkResult:
     trimmed: int = 0
     errors: list = field(default_factory=list)  # (path, line, field, reason) of bad records, in order
     fatal: tuple | None = None  # the error that stops the build (on_error: raise, or a render error)
+    pending: tuple | None = None  # (rendered, owner) between front and back
 
 
 class ChunkEncoder:
@@ -74,6 +75,10 @@ class ChunkEncoder:
         self.encoder = BatchEncoder(tokenizer, get_template(recipe.template.name), recipe.tokenize, options)
 
     def __call__(self, items: list[tuple[int, int, object, str | None]]) -> ChunkResult:
+        return self.back(self.front(items))
+
+    def front(self, items: list[tuple[int, int, object, str | None]]) -> ChunkResult:
+        """Parse and render a chunk (pure Python): the result has no tokens yet, only ``pending`` renderings."""
         ctx = ParseContext(self.data)
         valid = np.zeros(len(items), dtype=bool)
         convs, owner, errors, fatal = [], [], [], None
@@ -90,27 +95,27 @@ class ChunkEncoder:
             convs += got
             owner += [j] * len(got)
         try:
-            enc = self.encoder.encode(convs)
+            rendered = self.encoder.render(convs)
         except DataError as exc:  # a conversation the template cannot render stops the build whatever on_error says
             fatal = fatal or (exc.path, exc.line, exc.field, exc.reason)
-            enc = self.encoder.encode([])
-        owner = np.asarray(owner, dtype=np.int64)
+            rendered, owner = self.encoder.render([]), []
+        empty = np.zeros(0, dtype=np.int64)
+        result = ChunkResult(valid, empty, empty, empty, empty, empty, empty, empty, len(convs), ctx.trimmed, errors)
+        result.fatal, result.pending = fatal, (rendered, np.asarray(owner, dtype=np.int64))
+        return result
+
+    def back(self, result: ChunkResult) -> ChunkResult:
+        """Tokenize what :meth:`front` rendered and fill in the token arrays (the tokenizer's own threads run)."""
+        rendered, owner = result.pending
+        enc = self.encoder.encode_rendered(rendered)
         dropped = enc.dropped.copy()
-        dropped[:, 0] = owner[dropped[:, 0]] if len(dropped) else dropped[:, 0]
-        return ChunkResult(
-            valid,
-            owner[enc.kept] if len(enc.kept) else np.zeros(0, dtype=np.int64),
-            enc.ids,
-            enc.supervised,
-            enc.lengths,
-            enc.n_supervised,
-            enc.truncated,
-            dropped,
-            conversations=len(convs),
-            trimmed=ctx.trimmed,
-            errors=errors,
-            fatal=fatal,
-        )
+        if len(dropped):
+            dropped[:, 0] = owner[dropped[:, 0]]
+        result.sample_item = owner[enc.kept] if len(enc.kept) else np.zeros(0, dtype=np.int64)
+        result.ids, result.supervised, result.lengths = enc.ids, enc.supervised, enc.lengths
+        result.n_supervised, result.truncated, result.dropped = enc.n_supervised, enc.truncated, dropped
+        result.pending = None
+        return result
 
 
 _WORKER: ChunkEncoder | None = None
@@ -139,12 +144,28 @@ def _chunks(stream: RecordStream, size: int):
 
 
 def _encoded_chunks(recipe: Recipe, tokenizer, stream: RecordStream):
-    """``(items, firsts, ChunkResult)`` in stream order, tokenized here or by ``data.num_workers`` processes."""
+    """``(items, firsts, ChunkResult)`` in stream order, tokenized here or by ``data.num_workers`` processes.
+
+    In this process a second thread reads, parses and renders the next chunk while this one is in the tokenizer
+    (which releases the GIL), so the Python work hides behind the tokenizer's.
+    """
     workers = recipe.data.num_workers
     if workers <= 1:
+        from concurrent.futures import ThreadPoolExecutor
+
         encode = ChunkEncoder(recipe, tokenizer)
-        for items, firsts in _chunks(stream, CHUNK_RECORDS):
-            yield items, firsts, encode(items)
+        chunks = _chunks(stream, CHUNK_RECORDS)
+
+        def next_front():
+            got = next(chunks, None)
+            return None if got is None else (*got, encode.front(got[0]))
+
+        with ThreadPoolExecutor(1) as reader:
+            ahead = reader.submit(next_front)
+            while (done := ahead.result()) is not None:
+                ahead = reader.submit(next_front)
+                items, firsts, result = done
+                yield items, firsts, result if result.fatal else encode.back(result)
         return
     import multiprocessing
 

@@ -254,6 +254,18 @@ def token_byte_lengths(tokenizer) -> np.ndarray | None:
     return table
 
 
+@dataclass
+class Rendered:
+    """Rendered texts of a batch: per text its runs of consecutive segments with the same supervision (texts,
+    flags) and, for byte positions, their UTF-8 lengths; ``convs`` for templates encoded piece by piece."""
+
+    texts: list[str]
+    runs: list[tuple[list[str], list[bool]]]
+    convs: list[Conversation] = field(default_factory=list)
+    run_bytes: list[list[int]] | None = None
+    normalized: bool = True
+
+
 class BatchEncoder:
     """Render, tokenize and label batches of conversations exactly as :func:`tokenize_conversation` does.
 
@@ -283,20 +295,17 @@ class BatchEncoder:
         Raises:
             DataError: a conversation the template cannot render.
         """
-        if self.mode == "pieces":
-            samples = [
-                tokenize_conversation(c, self.tokenizer, self.template, self.config, self.options) for c in convs
-            ]
-            counts = np.array([len(x.input_ids) for x in samples], dtype=np.int64)
-            ids = np.fromiter((t for x in samples for t in x.input_ids), np.int64, int(counts.sum()))
-            labels = np.fromiter((t for x in samples for t in x.labels), np.int64, int(counts.sum()))
-            return apply_cutoff(ids, labels != IGNORE_INDEX, counts, self.config)
-        texts, runs = self._render(convs)
-        ids, counts, supervised = self._encode_joined(texts, runs)
-        return apply_cutoff(ids, supervised, counts, self.config)
+        return self.encode_rendered(self.render(convs))
 
-    def _render(self, convs: list[Conversation]) -> tuple[list[str], list[tuple[list[str], list[bool]]]]:
-        """Texts, and per text its runs of consecutive segments with the same supervision (texts and flags)."""
+    def render(self, convs: list[Conversation]) -> Rendered:
+        """The Python half of :meth:`encode` (rendering, segment byte lengths), which another thread may run while
+        this one is in the tokenizer.
+
+        Raises:
+            DataError: a conversation the template cannot render.
+        """
+        if self.mode == "pieces":
+            return Rendered([], [], convs=convs)
         texts, runs = [], []
         for conv in convs:
             segments = self.template.render(conv, self.specials, self.options)
@@ -310,19 +319,35 @@ class BatchEncoder:
                     run_keep.append(k)
             texts.append("".join(run_texts))
             runs.append((run_texts, run_keep))
-        return texts, runs
-
-    def _encode_joined(self, texts: list[str], runs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Flat ids, per-text token counts and per-token supervision of ``texts``, each tokenized whole."""
+        out = Rendered(texts, runs)
         if self.mode == "bytes":
+            out.run_bytes = [[len(t.encode("utf-8")) for t in run_texts] for run_texts, _keep in runs]
+            out.normalized = not self._nfc or all(unicodedata.is_normalized("NFC", t) for t in texts)
+        return out
+
+    def encode_rendered(self, rendered: Rendered) -> EncodedBatch:
+        """Tokenize what :meth:`render` made and apply the cutoff policy."""
+        if self.mode == "pieces":
+            samples = [
+                tokenize_conversation(c, self.tokenizer, self.template, self.config, self.options)
+                for c in rendered.convs
+            ]
+            counts = np.array([len(x.input_ids) for x in samples], dtype=np.int64)
+            ids = np.fromiter((t for x in samples for t in x.input_ids), np.int64, int(counts.sum()))
+            labels = np.fromiter((t for x in samples for t in x.labels), np.int64, int(counts.sum()))
+            return apply_cutoff(ids, labels != IGNORE_INDEX, counts, self.config)
+        ids, counts, supervised = self._encode_joined(rendered)
+        return apply_cutoff(ids, supervised, counts, self.config)
+
+    def _encode_joined(self, rendered: Rendered) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flat ids, per-text token counts and per-token supervision of the texts, each tokenized whole."""
+        texts, runs = rendered.texts, rendered.runs
+        if self.mode == "bytes" and rendered.run_bytes is not None:
             ids, counts = _backend_ids(self.tokenizer, texts)
-            run_bytes = [[len(t.encode("utf-8")) for t in run_texts] for run_texts, _keep in runs]
             local_end, totals = _local_cumsum(self.byte_table[ids], counts)
-            ok = totals == np.fromiter((sum(b) for b in run_bytes), np.int64, len(texts))
-            if self._nfc:
-                ok &= np.fromiter((unicodedata.is_normalized("NFC", t) for t in texts), bool, len(texts))
-            if ok.all():
-                return ids, counts, _owner_keep(local_end - 1, counts, run_bytes, [k for _t, k in runs])
+            ok = totals == np.fromiter((sum(b) for b in rendered.run_bytes), np.int64, len(texts))
+            if rendered.normalized and ok.all():
+                return ids, counts, _owner_keep(local_end - 1, counts, rendered.run_bytes, [k for _t, k in runs])
             # A text the byte sums do not explain (normalization changed it, an added token ate a space):
             # this batch goes through the offsets; a tokenizer where that is the rule stops trying.
             if ok.mean() < 0.5:
