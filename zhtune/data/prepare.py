@@ -168,18 +168,22 @@ def _encoded_chunks(recipe: Recipe, tokenizer, stream: RecordStream):
                 yield items, firsts, result if result.fatal else encode.back(result)
         return
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
+    ChunkEncoder(recipe, tokenizer)  # a template/tokenizer mismatch fails here, with its message, not in a worker
     payload = pickle.dumps((recipe, tokenizer))
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (payload,)) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    # a worker that dies (killed, out of memory) raises BrokenProcessPool here instead of hanging the build
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker, initargs=(payload,)) as pool:
         pending = collections.deque()
         for items, firsts in _chunks(stream, CHUNK_RECORDS):
-            pending.append((items, firsts, pool.apply_async(_encode_in_worker, (items,))))
+            pending.append((items, firsts, pool.submit(_encode_in_worker, items)))
             if len(pending) >= 2 * workers:
                 items0, firsts0, result = pending.popleft()
-                yield items0, firsts0, result.get()
+                yield items0, firsts0, result.result()
         while pending:
             items0, firsts0, result = pending.popleft()
-            yield items0, firsts0, result.get()
+            yield items0, firsts0, result.result()
 
 
 class _Writer:
