@@ -226,3 +226,37 @@ def test_clean_removes_prepared_data_only(shared, qwen, small_belle, tmp_path):
     removed, freed = clean_cache(recipe.data)
     assert removed == 1 and freed > 0
     assert [p.name for p in cache_dir(recipe.data).iterdir()] == ["keep.txt"]
+
+
+def test_prepare_command_prints_counts_cleans_and_reports_bad_data(shared, small_belle, tmp_path, capsys):
+    import yaml
+
+    from zhtune.cli import main
+
+    tree = {
+        "model": {"path": str(shared / QWEN)},
+        "data": {"paths": [str(small_belle)], "cache_dir": str(tmp_path / "c")},
+        "template": {"name": "qwen"},
+        "train": {"val_size": 10},
+    }
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tree, allow_unicode=True))
+    assert main(["prepare", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "data: built samples and layout" in out and "300 records → 300 conversations; 0 skipped" in out
+    assert "train: 290 samples → 290 kept" in out and "val: 10 samples → 10 kept" in out and "fill ratio" in out
+    assert main(["prepare", str(recipe), "tokenize.cutoff_len=128", "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert (
+        counts["built"] == ["samples", "layout"]
+        and counts["train"]["kept"] + counts["train"]["dropped_no_target"] == 290
+    )
+    assert counts["train"]["truncated"] > 0 and counts["load"]["records"] == 300
+    assert main(["prepare", str(recipe), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["built"] == []
+    assert main(["prepare", str(recipe), "--clean"]) == 0
+    assert "removed 2 prepared data set(s)" in capsys.readouterr().out
+    small_belle.write_text(small_belle.read_text() + '{"instruction": "x"}\n', encoding="utf-8")
+    assert main(["prepare", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{small_belle}:301: field 'output': missing" in err and "Traceback" not in err
