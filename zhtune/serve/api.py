@@ -107,7 +107,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
@@ -166,7 +166,7 @@ def sampling_params(req: ChatCompletionRequest, defaults: SamplingParams, limits
     """
     if req.n != 1:
         raise APIError(400, "only n=1 is supported", "n")
-    max_tokens = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
+    max_tokens = req.max_completion_tokens or req.max_tokens or min(limits.default_max_tokens, limits.max_tokens)
     if max_tokens > limits.max_tokens:
         raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}", "max_tokens")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())

@@ -56,7 +56,8 @@ class Backend:
         name: the model id clients use.
         options: render options (system prompt override, thinking).
         aligner: the aligner for correction edits (default: with the ChERRANT tables when found).
-        max_chars: corrections split longer texts at sentence ends into pieces of about this many characters.
+        max_chars: corrections group a line's sentences into pieces of up to this many characters; 1 (the default)
+            corrects each sentence on its own, as CGEC models are trained.
         correction_batch: pieces corrected per model batch.
     """
 
@@ -68,7 +69,7 @@ class Backend:
         name: str,
         options: RenderOptions = RenderOptions(),
         aligner: CharAligner | None = None,
-        max_chars: int = 128,
+        max_chars: int = 1,
         correction_batch: int = 32,
     ):
         self.model, self.tokenizer, self.template, self.name = model, tokenizer, template, name

@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing by it would overflow the logits)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one row is decoded.
 
     Attributes:
-        temperature: 0 for greedy (argmax); otherwise the softmax temperature.
+        temperature: 0 (anything below ``GREEDY_BELOW``) for greedy (argmax); otherwise the softmax temperature.
         top_p: nucleus sampling mass (1.0 keeps every token); ignored when greedy.
         max_tokens: the most tokens generated for this row (the end-of-turn token included).
         stop: strings that end the row; the text returned stops before the first one.
@@ -180,7 +182,7 @@ class RowSampler(LogitsProcessor):
         if scores.shape[-1] > self.vocab_limit:
             scores[:, self.vocab_limit :] = -float("inf")
         for r, row in enumerate(self.rows):
-            if row.finish is not None or row.params.temperature <= 0:
+            if row.finish is not None or row.params.temperature < GREEDY_BELOW:
                 continue
             if row.rng is None:
                 row.rng = torch.Generator(device=scores.device)

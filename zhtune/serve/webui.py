@@ -25,7 +25,7 @@ LOSS_KEYS = ("loss", "eval_loss")
 CGEC_KEYS = ("cgec_f0.5", "cgec_precision", "cgec_recall")
 _CSS = """
 .zhtune-diff { font-size: 1.15em; line-height: 2; white-space: pre-wrap; }
-.zhtune-diff del { background: #fdd; color: #a00; }
+.zhtune-diff del { background: #fdd; color: #a00; text-decoration: line-through; }
 .zhtune-diff ins { background: #dfd; color: #070; text-decoration: underline; }
 """
 
@@ -142,7 +142,12 @@ def build_page(backend: Backend, batcher: Batcher, run_dir: str | None = None):
             temperature = gr.Slider(
                 0, 2, value=backend.default_sampling.temperature, step=0.05, label="Temperature", render=False
             )
-            gr.ChatInterface(chat, additional_inputs=[system, temperature])
+            gr.ChatInterface(
+                chat,
+                chatbot=gr.Chatbot(elem_id="chat-log", render=False),
+                textbox=gr.Textbox(elem_id="chat-input", placeholder="Ask something", render=False),
+                additional_inputs=[system, temperature],
+            )
         with gr.Tab("Metrics"):
             run = gr.Textbox(label="Training run folder (holding metrics.jsonl)", value=run_dir or "")
             plot = gr.Button("Plot")
