@@ -228,6 +228,48 @@ def test_concurrent_requests_share_model_batches(server):
     assert all(results[i] == GREETING[1] for i in range(0, 20, 2))  # greedy rows in a padded batch: same answer
 
 
+def test_one_request_per_batch_is_what_the_count_would_show(server):
+    """The counter can fail the test above: with one row per batch, N queued requests take N model batches."""
+    name = server.backend.name
+    before, server.batcher.max_batch = server.backend.forward_batches, 1
+    try:
+        with server.batcher.hold():
+            threads = [
+                threading.Thread(
+                    target=server.client.chat.completions.create,
+                    kwargs={"model": name, "messages": [{"role": "user", "content": "你好"}], "max_tokens": 2},
+                )
+                for _ in range(4)
+            ]
+            for t in threads:
+                t.start()
+            assert server.batcher.wait_queued(4, timeout=120)
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        server.batcher.max_batch = 32
+    assert server.backend.forward_batches - before == 4
+
+
+def test_the_error_check_fails_on_fastapis_own_error_shape():
+    """LLaMA-Factory's API answers FastAPI's ``{"detail": ...}`` (422): the shape check above rejects it."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from zhtune.serve.api import ChatCompletionRequest
+
+    plain = FastAPI()
+
+    @plain.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        return {}
+
+    response = TestClient(plain).post("/v1/chat/completions", content=b'{"model": [}')
+    assert "detail" in response.json()
+    with pytest.raises(AssertionError):
+        assert_openai_error(response, 400)
+
+
 def test_a_model_failure_mid_stream_ends_the_stream_with_an_error_event(server):
     calls = {"n": 0}
 

@@ -69,3 +69,25 @@ def test_chat_in_a_terminal(corrector, backend):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_compare_answers_with_both_models_each_with_its_own_history(
+    corrector, random_checkpoint, backend, monkeypatch, capsys
+):
+    import io
+
+    from zhtune.cli import main
+    from zhtune.serve.backend import load_backend
+
+    base = load_backend(random_checkpoint, template=TEMPLATE, dtype="fp32")
+    tuned1, _ = _answer(backend, [("user", GREETING[0])])
+    base1, _ = _answer(base, [("user", GREETING[0])])
+    tuned2, _ = _answer(backend, [("user", GREETING[0]), ("assistant", tuned1), ("user", FOLLOW_UP)])
+    base2, _ = _answer(base, [("user", GREETING[0]), ("assistant", base1), ("user", FOLLOW_UP)])
+    assert tuned1 != base1
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{GREETING[0]}\n{FOLLOW_UP}\n/exit\n"))
+    args = ["chat", "--model", str(corrector), "--compare", str(random_checkpoint), "--template", TEMPLATE]
+    assert main(args + ["--temperature", "0", "--max-tokens", str(MAX_TOKENS)]) == 0
+    out = capsys.readouterr().out
+    expected = f"[tuned] {tuned1}\n[base] {base1}\n{PROMPT}[tuned] {tuned2}\n[base] {base2}\n{PROMPT}"
+    assert expected in out, out

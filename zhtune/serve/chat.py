@@ -37,8 +37,8 @@ def chat_loop(
     participants: list[Participant],
     params: SamplingParams,
     system: str | None = None,
-    read: Callable[[str], str] = input,
-    out: TextIO = sys.stdout,
+    read: Callable[[str], str] | None = None,
+    out: TextIO | None = None,
 ) -> int:
     """Read questions and commands until ``/exit`` or end of input; stream each model's answer to ``out``.
 
@@ -46,12 +46,14 @@ def chat_loop(
         participants: the models (one, or the tuned and the base with ``--compare``).
         params: decoding settings for every answer.
         system: the initial system prompt (None: the template's default).
-        read: reads one line after showing a prompt (``input``).
-        out: where answers go.
+        read: reads one line after showing a prompt (default ``input``).
+        out: where answers go (default ``sys.stdout``).
 
     Returns:
         0 (the exit status).
     """
+    read = read or input
+    out = out or sys.stdout
     names = ", ".join(f"{p.label}={p.backend.name}" for p in participants)
     out.write(f"zhtune chat with {names}; {HELP}\n")
     while True:
@@ -77,7 +79,6 @@ def chat_loop(
             continue
         for p in participants:
             answer(p, line, system, params, out, labelled=len(participants) > 1)
-    return 0
 
 
 def answer(p: Participant, question: str, system: str | None, params: SamplingParams, out: TextIO, labelled: bool):

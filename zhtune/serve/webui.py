@@ -104,7 +104,10 @@ def build_page(backend: Backend, batcher: Batcher, run_dir: str | None = None):
     def correct(text: str):
         if not text or not text.strip():
             return '<div class="zhtune-diff" data-edits="0"></div>', []
-        result = batcher.run("correct", [text])[0]
+        try:
+            result = batcher.run("correct", [text])[0]
+        except RuntimeError as exc:  # the model failed on this batch: say so on the page
+            raise gr.Error(str(exc)) from None
         table = [[e.start, e.end, e.source, e.target, e.type] for e in result.edits]
         return diff_html(text, result.edits), table
 
