@@ -274,6 +274,72 @@ def cgec_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serving_backend(args: argparse.Namespace, model: str | None = None, adapter: str | None = None):
+    """The backend ``chat``, ``serve`` and ``webui`` load from their common flags."""
+    from zhtune.serve.backend import load_backend
+
+    return load_backend(
+        model or args.model,
+        adapter,
+        args.template,
+        args.dtype,
+        args.trust_remote_code,
+        name=getattr(args, "model_name", None),
+    )
+
+
+def chat(args: argparse.Namespace) -> int:
+    """``zhtune chat``: a terminal chat, streamed, with history; ``--compare BASE`` answers from both models."""
+    from zhtune.serve.chat import Participant, chat_loop
+    from zhtune.serve.generation import SamplingParams
+
+    tuned = _serving_backend(args, args.model, args.adapter)
+    participants = [Participant("tuned" if args.compare else tuned.name, tuned)]
+    if args.compare:
+        participants.append(Participant("base", _serving_backend(args, args.compare)))
+    defaults = tuned.default_sampling
+    params = SamplingParams(
+        temperature=defaults.temperature if args.temperature is None else args.temperature,
+        top_p=defaults.top_p if args.top_p is None else args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    return chat_loop(participants, params, system=args.system)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``zhtune serve``: the OpenAI-compatible API with /v1/corrections (FastAPI + uvicorn)."""
+    try:
+        from zhtune.serve.api import ServeLimits
+        from zhtune.serve.api import serve as run_server
+    except ImportError as exc:
+        raise ZhtuneError(f"zhtune serve needs FastAPI and uvicorn ({exc}): pip install 'zhtune[serve]'") from None
+    backend = _serving_backend(args, args.model, args.adapter)
+    limits = ServeLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+    where = f"http://{args.host}:{args.port}/v1"
+    print(f"serving {backend.name!r} ({backend.template.name} template) at {where}", file=sys.stderr, flush=True)
+    run_server(backend, args.host, args.port, args.api_key, limits, args.max_batch)
+    return 0
+
+
+def webui(args: argparse.Namespace) -> int:
+    """``zhtune webui``: a Gradio page with correction, chat and training-metrics tabs."""
+    try:
+        from zhtune.serve.webui import build_page, launch
+    except ImportError as exc:
+        raise ZhtuneError(f"zhtune webui needs Gradio ({exc}): pip install 'zhtune[webui]'") from None
+    from zhtune.serve.batcher import Batcher
+
+    backend = _serving_backend(args, args.model, args.adapter)
+    batcher = Batcher(backend).start()
+    print(f"web page for {backend.name!r} at http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    try:
+        launch(build_page(backend, batcher, args.run), args.host, args.port)
+    finally:
+        batcher.close()
+    return 0
+
+
 class _SubcommandsWithCommonOptions:
     """``add_parser`` that gives every subcommand the common options (``--verbose``)."""
 
@@ -384,6 +450,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on a tiny model built from packaged text, on CPU")
     p.add_argument("--out", default="zhtune-demo", help="folder for the demo's model, data and run")
     p.set_defaults(func=demo)
+
+    def serving_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="checkpoint folder (a merged model, or the base of --adapter)")
+        p.add_argument("--adapter", default=None, help="LoRA adapter folder")
+        p.add_argument("--template", default=None, help="chat template (default: the one recorded at training)")
+        p.add_argument(
+            "--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on a GPU, fp32 on CPU"
+        )
+        p.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped in the checkpoint")
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streamed; /system, /clear, /exit)")
+    serving_flags(p)
+    p.add_argument("--compare", default=None, metavar="BASE_DIR", help="also answer every question with this model")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    p.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: the checkpoint's)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-tokens", type=int, default=512, help="the longest answer in tokens")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API (+ /v1/corrections) for one GPU or a laptop")
+    serving_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the folder name)")
+    p.add_argument("--max-batch", type=int, default=32, help="most chat requests decoded in one batch")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="the largest request body")
+    p.set_defaults(func=serve)
+
+    p = sub.add_parser("webui", help="Gradio page: correction with highlighted edits, chat, training metrics")
+    serving_flags(p)
+    p.add_argument("--run", default=None, help="training output folder whose metrics.jsonl the metrics tab plots")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=webui)
 
     p = sub.add_parser("templates", help="list chat templates")
     p.set_defaults(func=templates)
