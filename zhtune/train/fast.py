@@ -160,6 +160,19 @@ def apply_glm(model, report: FastPathReport) -> None:
         say_once(f"glm:{piece}", f"fast path: {reason}; using the transformers implementation")
 
 
+def apply_layer_kernels(model, report: FastPathReport) -> None:
+    """The RMSNorm/SwiGLU/RoPE kernels: ours for ``glm``, liger's for the architectures it knows (CUDA only)."""
+    if getattr(base_transformer(model).config, "model_type", None) == "glm":
+        apply_glm(model, report)
+        return
+    reason = apply_liger(model)
+    if reason is None:
+        report.applied.append("liger RMSNorm/SwiGLU/RoPE")
+    else:
+        report.skipped["liger"] = reason
+        say_once("liger", f"fast path: {reason}; using the transformers implementations")
+
+
 def apply_fast_path(
     model, *, kernels: bool = True, layer_kernels: bool = True, checkpoint_fraction: float = 1.0
 ) -> FastPathReport:
@@ -181,15 +194,8 @@ def apply_fast_path(
             report.applied.append(f"fused LoRA linear ({n} layers)")
         else:
             report.skipped["fused_lora"] = "no peft LoRA linear layers"
-    if kernels and layer_kernels and getattr(base_transformer(model).config, "model_type", None) == "glm":
-        apply_glm(model, report)
-    elif kernels and layer_kernels:
-        reason = apply_liger(model)
-        if reason is None:
-            report.applied.append("liger RMSNorm/SwiGLU/RoPE")
-        else:
-            report.skipped["liger"] = reason
-            say_once("liger", f"fast path: {reason}; using the transformers implementations")
+    if kernels and layer_kernels:
+        apply_layer_kernels(model, report)
     if checkpoint_fraction < 1.0:
         kept = select_checkpointed_layers(model, checkpoint_fraction)
         report.applied.append(f"gradient checkpointing on the first {kept} decoder layers")
