@@ -132,6 +132,9 @@ class _Rope(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         grads = []
         for g, (shape, bshd, dtype) in zip((grad_q, grad_k), ctx.meta):
+            if g is None:
+                grads.append(None)
+                continue
             g = g if g.stride(-1) == 1 else g.contiguous()
             if _use_triton(g):
                 grads.append(_kernels().rotary(g, cos, sin, -1.0, _grad_like(shape, bshd, dtype, g.device)))
