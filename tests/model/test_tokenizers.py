@@ -506,3 +506,16 @@ def test_existing_tokenizer_files_are_not_overwritten(shared, tmp_path):
     convert_tokenizer(shared / "tokenizers/chatglm2-6b", dst, "chatglm2", overwrite=True)
     assert json.loads((dst / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
     assert not [p for p in dst.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+
+
+@pytest.mark.parametrize("name", ["chatglm", "chatglm2", "chatglm3"])
+def test_exported_chatglm_template_renders_the_training_system_prompt(name, converted):
+    """What `zhtune merge` writes for a ChatGLM adapter: the template with the training system prompt as default."""
+    from zhtune.data.chat_templates import chat_template_for, chat_template_problems
+
+    tok = converted("chatglm3" if name == "chatglm3" else name)
+    template, system = get_template(name), "你是一个中文语法纠错助手。"
+    tok.chat_template = chat_template_for(name, system)
+    assert chat_template_problems(tok, template, system) == []
+    assert chat_template_problems(tok, template, "另一个系统提示。")  # the default is really there
+    tok.chat_template = CHATGLM_JINJA[name]
