@@ -513,9 +513,10 @@ def test_exported_chatglm_template_renders_the_training_system_prompt(name, conv
     """What `zhtune merge` writes for a ChatGLM adapter: the template with the training system prompt as default."""
     from zhtune.data.chat_templates import chat_template_for, chat_template_problems
 
-    tok = converted("chatglm3" if name == "chatglm3" else name)
+    import copy
+
+    tok = copy.deepcopy(converted("chatglm3" if name == "chatglm3" else name))  # the session's one stays as it is
     template, system = get_template(name), "你是一个中文语法纠错助手。"
     tok.chat_template = chat_template_for(name, system)
     assert chat_template_problems(tok, template, system) == []
     assert chat_template_problems(tok, template, "另一个系统提示。")  # the default is really there
-    tok.chat_template = CHATGLM_JINJA[name]
