@@ -511,9 +511,9 @@ def test_existing_tokenizer_files_are_not_overwritten(shared, tmp_path):
 @pytest.mark.parametrize("name", ["chatglm", "chatglm2", "chatglm3"])
 def test_exported_chatglm_template_renders_the_training_system_prompt(name, converted):
     """What `zhtune merge` writes for a ChatGLM adapter: the template with the training system prompt as default."""
-    from zhtune.data.chat_templates import chat_template_for, chat_template_problems
-
     import copy
+
+    from zhtune.data.chat_templates import chat_template_for, chat_template_problems
 
     tok = copy.deepcopy(converted("chatglm3" if name == "chatglm3" else name))  # the session's one stays as it is
     template, system = get_template(name), "你是一个中文语法纠错助手。"
