@@ -5,7 +5,7 @@ at the token the output is expected to continue with, and proposes the tokens fr
 the pointer past what was accepted; after an edit (the model wrote something else than the source) it re-aligns by
 finding the last few generated tokens in the source, nearest to where the pointer was (aggressive decoding for GEC,
 Sun et al. 2021; Ge et al. 2022, here for a decoder-only model). The draft length adapts: it doubles while whole
-drafts are accepted and falls back to a little more than what was accepted after a rejection.
+drafts are accepted and halves (to no less than a few tokens) after a rejection.
 
 Drafts are only guesses. :func:`accepted_length` is the whole acceptance rule — a draft token is kept only where it
 equals the model's own greedy token at that position — so the output is the greedy output whatever the drafter
@@ -51,6 +51,7 @@ class CopyDrafter:
     """
 
     MATCH_LENGTHS = (3, 2, 1)  # suffix lengths tried when re-aligning, longest first
+    MIN_DRAFT = 4
 
     def __init__(
         self,
@@ -81,8 +82,8 @@ class CopyDrafter:
             self.pos = self._realign(out, self.pos)
         if drafted and accepted == drafted:
             self.want = min(self.max_draft, 2 * max(self.want, drafted))
-        elif drafted:
-            self.want = min(self.max_draft, max(2, accepted + 2))
+        elif drafted:  # an edit: most of the sentence is usually still ahead, so shrink gently
+            self.want = min(self.max_draft, max(self.MIN_DRAFT, accepted + 2, self.want // 2))
         self.want = max(1, min(self.want, len(self.source) - self.pos))
 
     def _realign(self, out: Sequence[int], expected: int) -> int:
