@@ -43,9 +43,10 @@ def greedy_config(max_new_tokens: int, stop_ids: Sequence[int], pad_id: int, pro
         do_sample=False,
         num_beams=1,
         max_new_tokens=max_new_tokens,
-        eos_token_id=list(stop_ids),
+        eos_token_id=list(stop_ids) or None,
         pad_token_id=pad_id,
         repetition_penalty=1.0,
+        use_cache=True,  # a model fresh from training may carry use_cache=False in its config
         **extra,
     )
 

@@ -46,12 +46,13 @@ class CopyDrafter:
         source: the source sentence's token ids.
         end_token: the end-of-turn token proposed after the source (a corrector stops there), or None.
         max_draft: the longest draft :attr:`want` asks for.
+        min_draft: the shortest draft it asks for after a rejection (on a GPU a few more tokens per step cost
+            nothing; on a CPU every token costs).
         width: characters a token stands for (to skip the source tokens an unmatched output token replaces);
             None counts every token as one.
     """
 
     MATCH_LENGTHS = (3, 2, 1)  # suffix lengths tried when re-aligning, longest first
-    MIN_DRAFT = 4
 
     def __init__(
         self,
@@ -59,11 +60,13 @@ class CopyDrafter:
         end_token: int | None = None,
         *,
         max_draft: int = 32,
+        min_draft: int = 4,
         width: Callable[[int], int] | None = None,
     ):
         self.source = list(source) + ([end_token] if end_token is not None else [])
         self.pos = 0
         self.max_draft = max(1, max_draft)
+        self.min_draft = max(1, min(min_draft, self.max_draft))
         self.width = width
         self.want = min(self.max_draft, max(1, len(self.source)))
 
@@ -83,7 +86,7 @@ class CopyDrafter:
         if drafted and accepted == drafted:
             self.want = min(self.max_draft, 2 * max(self.want, drafted))
         elif drafted:  # an edit: most of the sentence is usually still ahead, so shrink gently
-            self.want = min(self.max_draft, max(self.MIN_DRAFT, accepted + 2, self.want // 2))
+            self.want = min(self.max_draft, max(self.min_draft, accepted + 1, self.want // 2))
         self.want = max(1, min(self.want, len(self.source) - self.pos))
 
     def _realign(self, out: Sequence[int], expected: int) -> int:
