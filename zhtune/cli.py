@@ -169,10 +169,10 @@ def correct(args: argparse.Namespace) -> int:
         f"{verb}: {dict(fallbacks) or 'none'}"
     )
     speed = generator.stats.as_dict()
+    mode = "plain greedy" if args.no_speculative else "speculative"
     print(
-        f"{speed['sequences_per_s']} sentences/s, {speed['tokens_per_s']} tokens/s, mean accepted length "
-        f"{speed['mean_accepted_length']} ({'speculative' if not args.no_speculative else 'plain greedy'}; "
-        f"template {settings.template})"
+        f"{stats['sentences'] / max(speed['seconds'], 1e-9):.2f} sentences/s, {speed['tokens_per_s']} tokens/s, "
+        f"mean accepted length {speed['mean_accepted_length']} ({mode}; template {settings.template})"
     )
     generator.close()
     return 0
