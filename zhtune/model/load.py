@@ -18,6 +18,7 @@ import torch
 
 from zhtune.config import LoraConfig, ModelConfig
 from zhtune.errors import ConfigError
+from zhtune.model.checkpoint_files import MERGE_REPORT
 from zhtune.model.targets import lora_targets
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def recorded_settings(model_dir: str | Path, adapter: str | Path | None = None) 
         ``{"template", "system", "enable_thinking", "instruction", "recorded_in"}``; values are None where
         nothing was recorded (``system`` None also means "the template's default system prompt").
     """
-    candidates = ([Path(adapter) / ADAPTER_META] if adapter else []) + [Path(model_dir) / "merge_report.json"]
+    candidates = ([Path(adapter) / ADAPTER_META] if adapter else []) + [Path(model_dir) / MERGE_REPORT]
     for meta_file in candidates:
         if not meta_file.exists():
             continue
