@@ -496,7 +496,7 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", type=Path, required=True, help="Qwen2.5 tokenizer files")
     p.add_argument("--instruct", type=Path, required=True, help="../shared/data/instruct (or a copy)")
     p.add_argument("--cgec", type=Path, required=True, help="../shared/data/cgec (nlpcc18, mucgec, fcgec, tables)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/correct_speed-h200.json"))
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/correct_speed-<card>.json")
     p.add_argument("--work", type=Path, default=Path("runs/correct_speed"))
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shape, a few steps and sentences")
     p.add_argument("--shape", default=None, help="corrector shape (default 0.5b; tiny with --quick)")
@@ -543,7 +543,12 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = {"card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "quick": args.quick,
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    if args.out is None:
+        slug = "h200" if "H200" in card else re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+        default = "runs/correct_speed-quick.json" if args.quick else f"benchmarks/results/correct_speed-{slug}.json"
+        args.out = Path(default)
+    results = {"card": card, "quick": args.quick,
                "torch": torch.__version__, "transformers": transformers.__version__, "shape": args.shape,
                "targets": TARGETS}  # fmt: skip
     run = Run(args.out, args.budget_seconds, results)

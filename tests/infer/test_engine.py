@@ -172,3 +172,16 @@ def test_models_the_cache_cannot_serve_fall_back_to_plain_greedy(tmp_path):
         engine = Engine(model, STOPS, 0)
         assert _decoded(engine, requests, 2) == _reference(model, requests)
         assert engine.fallback  # said why, and decoded with transformers' generate instead
+
+
+def test_two_engines_on_one_model_each_decode_exactly(tmp_path):
+    model = _tiny("qwen2", tmp_path)
+    requests = _random_requests(256, [8, 13])
+    reference = _reference(model, requests)
+    first, second = Engine(model, STOPS, 0), Engine(model, STOPS, 0, speculative=False)
+    assert _decoded(first, requests, 2) == reference
+    assert _decoded(second, requests, 1) == reference
+    first.close()  # gives the model SDPA back while the second engine is alive
+    assert _decoded(second, requests, 1) == reference
+    second.close()
+    assert model.config._attn_implementation == "sdpa"

@@ -161,16 +161,15 @@ class Engine:
         r = self._runner
         if r is not None and r.rows == rows and r.max_len >= slots:
             return r
-        self.close_runner()
+        self.close()
         self._runner = StepRunner(self.model, rows, slots, graphs=self.graphs)
         return self._runner
 
-    def close_runner(self) -> None:
+    def close(self) -> None:
+        """Free the cache and graphs and give the model its own attention back (a later call makes new ones)."""
         if self._runner is not None:
             self._runner.close()
             self._runner = None
-
-    close = close_runner
 
     @torch.no_grad()
     def generate(self, requests: Sequence[Request], batch_size: int = 16) -> list[Completion]:

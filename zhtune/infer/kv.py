@@ -47,7 +47,8 @@ class StaticCache:
         keys, values: ``layer -> [rows, kv_heads, max_len, head_dim]``.
         slots: ``[rows, k]`` slot (= position) of every token of the current forward.
         masks: ``group size -> [rows, 1, group * k, max_len]`` boolean masks (True: may attend).
-        probe: while probing, ``layer -> (kv_heads, head_dim, dtype, sliding_window)`` is recorded here instead.
+        probe: while probing, ``layer -> (kv_heads, head_dim, dtype, sliding_window, heads)`` is recorded here.
+        problems: what the probe found this attention cannot do.
     """
 
     def __init__(self) -> None:
@@ -163,6 +164,8 @@ class StepRunner:
         self._graphs: dict[int, tuple] = {}
         self._pool = None
         self._previous = getattr(self.lm.config, "_attn_implementation", None)
+        if self._previous == ATTENTION:  # another engine holds this model: give back transformers' SDPA
+            self._previous = "sdpa"
         try:
             self.lm.set_attn_implementation(ATTENTION)
         except (ValueError, AttributeError, ImportError) as exc:
@@ -232,6 +235,8 @@ class StepRunner:
         """Greedy tokens after each of ``ids`` (``[rows, k]``, CPU) written at slots ``ends[r]..`` (``[rows]``,
         CPU); returns ``[rows, k]`` on the CPU. Real tokens must stay below slot ``max_len - k``."""
         k = ids.shape[1]
+        if getattr(self.lm.config, "_attn_implementation", None) != ATTENTION:
+            self.lm.set_attn_implementation(ATTENTION)  # another engine on this model gave it its own back
         if not self.graphs_on:
             return self._forward(ids.to(self.device), ends.to(self.device)).cpu()
         if k not in self._graphs:
