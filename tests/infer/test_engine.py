@@ -37,7 +37,7 @@ def _decoded(engine, requests, batch_size):
 
 
 def _tiny(arch: str, tmp_path):
-    if arch in ("qwen3", "mistral"):
+    if arch in ("qwen3", "mistral", "glm4"):
         common = dict(
             vocab_size=256,
             hidden_size=32,
@@ -48,9 +48,11 @@ def _tiny(arch: str, tmp_path):
             max_position_embeddings=512,
         )
         torch.manual_seed(0)
-        config = (
-            transformers.Qwen3Config(**common, head_dim=8) if arch == "qwen3" else transformers.MistralConfig(**common)
-        )
+        config = {
+            "qwen3": lambda: transformers.Qwen3Config(**common, head_dim=8),
+            "mistral": lambda: transformers.MistralConfig(**common),
+            "glm4": lambda: transformers.Glm4Config(**common, head_dim=8, pad_token_id=0),
+        }[arch]()
         model = transformers.AutoModelForCausalLM.from_config(config)
     else:
         path = tiny_model_dir(tmp_path / arch, arch)
@@ -58,7 +60,7 @@ def _tiny(arch: str, tmp_path):
     return sharpen(model.eval())
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm", "phi3", "qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm", "glm4", "phi3", "qwen3", "mistral"])
 def test_engine_equals_argmax_loop_on_every_architecture(arch, tmp_path):
     model = _tiny(arch, tmp_path)
     requests = _random_requests(256, [7, 19, 3, 12])
