@@ -97,8 +97,18 @@ def static_kv_attention(module, query, key, value, attention_mask, scaling=None,
     values.scatter_(2, index, value.to(values.dtype))
     # heads h = j * group + g share kv head j: fold g into the query length, one SDPA over the cached keys
     folded = query.reshape(rows, kv_heads, group * k, dim).to(keys.dtype)
-    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=cache.masks[group], scale=scaling)
+    with _masked_kernels(query.is_cuda):
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=cache.masks[group], scale=scaling)
     return out.reshape(rows, heads, k, dim).transpose(1, 2), None
+
+
+def _masked_kernels(cuda: bool):
+    """On CUDA, SDPA's memory-efficient kernel (it takes any boolean mask) or the math one; flash takes no mask."""
+    if not cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _probe(cache, module, layer, query, key, value, scaling, kwargs):
