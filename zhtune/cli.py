@@ -99,22 +99,12 @@ def merge(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """``zhtune train RECIPE.yaml [key=value ...]``: LoRA tuning as the recipe says."""
-    from pathlib import Path
-
     from zhtune.config import load_recipe
-    from zhtune.data.templates import RenderOptions, get_template
+    from zhtune.gec.train_eval import build_evaluators
     from zhtune.train.loop import train as run_training
 
     recipe = load_recipe(args.recipe, args.overrides)
-    evaluators = []
-    if recipe.eval.cgec is not None:
-        from zhtune.gec.train_eval import CgecEvaluator
-
-        options = RenderOptions(system=recipe.template.system, enable_thinking=recipe.template.enable_thinking)
-        evaluators.append(
-            CgecEvaluator(recipe.eval.cgec, get_template(recipe.template.name), Path(recipe.output.dir), options)
-        )
-    summary = run_training(recipe, evaluators)
+    summary = run_training(recipe, build_evaluators(recipe))
     if "adapter" in summary:
         print(f"adapter: {summary['adapter']}  (steps {summary['steps']}, last loss {summary['last'].get('loss')})")
     return 0
@@ -181,33 +171,43 @@ def correct(args: argparse.Namespace) -> int:
     """``zhtune correct``: batched greedy correction of a file, written as id<TAB>source<TAB>hypothesis."""
     from pathlib import Path
 
-    from zhtune.data.templates import get_template
-    from zhtune.gec.correct import correct_rows, read_inputs, write_para
-    from zhtune.infer.engine import Generator
-    from zhtune.model.load import load_for_inference, recorded_template
+    from zhtune.gec.correct import correct_rows, correction_settings, corrector, read_inputs, write_para
+    from zhtune.model.load import load_for_inference, recorded_settings
     from zhtune.model.tokenizer import load_tokenizer
 
     _refuse_overwrite(args.output, args.force)
-    name = args.template or recorded_template(args.model, args.adapter)
-    if not name:
-        raise ZhtuneError("no template recorded with this model or adapter; pass --template NAME")
+    settings = correction_settings(
+        recorded_settings(args.model, args.adapter), args.template, args.system, args.instruction
+    )
+    rows = read_inputs(args.input)
     tokenizer = load_tokenizer(
         args.adapter if args.adapter and (Path(args.adapter) / "tokenizer_config.json").exists() else args.model,
         args.trust_remote_code,
     )
     model = load_for_inference(args.model, args.adapter, args.dtype, args.trust_remote_code)
-    rows, stats = correct_rows(
-        Generator(model, tokenizer, get_template(name)),
-        read_inputs(args.input),
+    generator = corrector(model, tokenizer, settings, speculative=not args.no_speculative)
+    fixed, stats = correct_rows(
+        generator,
+        rows,
         args.batch_size,
+        settings.instruction,
         max_chars=args.max_chars,
+        fallback=not args.no_fallback,
     )
-    write_para(rows, args.output)
+    write_para(fixed, args.output)
     fallbacks = {k: v for k, v in stats.items() if k not in ("sentences", "pieces")}
+    verb = "counted (kept as written, --no-fallback)" if args.no_fallback else "fell back to the source"
     print(
         f"corrected {stats['sentences']} sentences ({stats['pieces']} pieces) -> {args.output}; "
-        f"fell back to the source: {dict(fallbacks) or 'none'}"
+        f"{verb}: {dict(fallbacks) or 'none'}"
     )
+    speed = generator.stats.as_dict()
+    mode = "plain greedy" if args.no_speculative else "speculative"
+    print(
+        f"{stats['sentences'] / max(speed['seconds'], 1e-9):.2f} sentences/s, {speed['tokens_per_s']} tokens/s, "
+        f"mean accepted length {speed['mean_accepted_length']} ({mode}; template {settings.template})"
+    )
+    generator.close()
     return 0
 
 
@@ -304,12 +304,92 @@ def cgec_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serving_backend(args: argparse.Namespace, model: str | None = None, adapter: str | None = None):
+    """The backend ``chat``, ``serve`` and ``webui`` load from their common flags."""
+    from zhtune.serve.backend import load_backend
+
+    return load_backend(
+        model or args.model,
+        adapter,
+        args.template,
+        args.dtype,
+        args.trust_remote_code,
+        name=getattr(args, "model_name", None),
+    )
+
+
+def chat(args: argparse.Namespace) -> int:
+    """``zhtune chat``: a terminal chat, streamed, with history; ``--compare BASE`` answers from both models."""
+    from zhtune.serve.chat import Participant, chat_loop
+    from zhtune.serve.generation import SamplingParams
+
+    tuned = _serving_backend(args, args.model, args.adapter)
+    participants = [Participant("tuned" if args.compare else tuned.name, tuned)]
+    if args.compare:
+        participants.append(Participant("base", _serving_backend(args, args.compare)))
+    defaults = tuned.default_sampling
+    params = SamplingParams(
+        temperature=defaults.temperature if args.temperature is None else args.temperature,
+        top_p=defaults.top_p if args.top_p is None else args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    return chat_loop(participants, params, system=args.system)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``zhtune serve``: the OpenAI-compatible API with /v1/corrections (FastAPI + uvicorn)."""
+    try:
+        from zhtune.serve.api import ServeLimits
+        from zhtune.serve.api import serve as run_server
+    except ImportError as exc:
+        raise ZhtuneError(f"zhtune serve needs FastAPI and uvicorn ({exc}): pip install 'zhtune[serve]'") from None
+    backend = _serving_backend(args, args.model, args.adapter)
+    limits = ServeLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+    where = f"http://{args.host}:{args.port}/v1"
+    print(f"serving {backend.name!r} ({backend.template.name} template) at {where}", file=sys.stderr, flush=True)
+    run_server(backend, args.host, args.port, args.api_key, limits, args.max_batch)
+    return 0
+
+
+def webui(args: argparse.Namespace) -> int:
+    """``zhtune webui``: a Gradio page with correction, chat and training-metrics tabs."""
+    try:
+        from zhtune.serve.webui import build_page, launch
+    except ImportError as exc:
+        raise ZhtuneError(f"zhtune webui needs Gradio ({exc}): pip install 'zhtune[webui]'") from None
+    from zhtune.serve.batcher import Batcher
+
+    backend = _serving_backend(args, args.model, args.adapter)
+    batcher = Batcher(backend).start()
+    print(f"web page for {backend.name!r} at http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    try:
+        launch(build_page(backend, batcher, args.run), args.host, args.port)
+    finally:
+        batcher.close()
+    return 0
+
+
+class _SubcommandsWithCommonOptions:
+    """``add_parser`` that gives every subcommand the common options (``--verbose``)."""
+
+    def __init__(self, subparsers, common: argparse.ArgumentParser):
+        self.subparsers, self.common = subparsers, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self.subparsers.add_parser(name, parents=[self.common], **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zhtune", description="LoRA tuning, merging and CGEC evaluation for Chinese LLMs."
     )
     parser.add_argument("--version", action="version", version=f"zhtune {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", help="show the libraries' progress bars, warnings and log lines too"
+    )
+    sub = _SubcommandsWithCommonOptions(parser.add_subparsers(dest="command", metavar="COMMAND"), common)
 
     p = sub.add_parser("render", help="show what the model sees: rendered prompts, supervised spans, lengths")
     p.add_argument("--tokenizer", required=True, help="local tokenizer or checkpoint directory")
@@ -368,8 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="hypothesis para file to write")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--template", default=None, help="chat template (default: the one recorded at training)")
+    p.add_argument("--system", default=None, help="system prompt (default: the one recorded at training)")
+    p.add_argument("--instruction", default=None, help="instruction before each sentence (default: the recorded one)")
     p.add_argument("--max-chars", type=int, default=128, help="split longer inputs at sentence ends")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on GPU")
+    p.add_argument("--no-speculative", action="store_true", help="plain greedy decoding, no input-copy drafts")
+    p.add_argument("--no-fallback", action="store_true", help="write the model's first line even when it is bad")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--force", action="store_true", help="overwrite --output")
     p.set_defaults(func=correct)
@@ -392,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tables", help="ChERRANT's lookup tables for zhtune score: `zhtune tables download`")
     tables_sub = p.add_subparsers(dest="tables_command", metavar="ACTION", required=True)
-    q = tables_sub.add_parser("download", help="fetch cilin.txt and confusion_dict.txt, check their sha256")
+    q = tables_sub.add_parser(
+        "download", parents=[common], help="fetch cilin.txt and confusion_dict.txt, check their sha256"
+    )
     q.add_argument("--url", default=None, help="base URL of the two files (default: ChERRANT's repository)")
     q.add_argument("--dest", default=None, help="folder to write (default: ~/.cache/zhtune/cherrant_tables)")
     q.set_defaults(func=tables)
@@ -406,14 +492,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="zhtune-demo", help="folder for the demo's model, data and run")
     p.set_defaults(func=demo)
 
+    def serving_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="checkpoint folder (a merged model, or the base of --adapter)")
+        p.add_argument("--adapter", default=None, help="LoRA adapter folder")
+        p.add_argument("--template", default=None, help="chat template (default: the one recorded at training)")
+        p.add_argument(
+            "--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on a GPU, fp32 on CPU"
+        )
+        p.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped in the checkpoint")
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streamed; /system, /clear, /exit)")
+    serving_flags(p)
+    p.add_argument("--compare", default=None, metavar="BASE_DIR", help="also answer every question with this model")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    p.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: the checkpoint's)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-tokens", type=int, default=512, help="the longest answer in tokens")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API (+ /v1/corrections) for one GPU or a laptop")
+    serving_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the folder name)")
+    p.add_argument("--max-batch", type=int, default=32, help="most chat requests decoded in one batch")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="the largest request body")
+    p.set_defaults(func=serve)
+
+    p = sub.add_parser("webui", help="Gradio page: correction with highlighted edits, chat, training metrics")
+    serving_flags(p)
+    p.add_argument("--run", default=None, help="training output folder whose metrics.jsonl the metrics tab plots")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=webui)
+
     p = sub.add_parser("templates", help="list chat templates")
     p.set_defaults(func=templates)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zhtune.console import configure_console
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_console(getattr(args, "verbose", False))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -201,13 +201,14 @@ def _write_shards(base: Path, shards: dict, adapters: list[Adapter], out: Path, 
     """Stream every base shard through the adapters into ``out``, one tensor in memory at a time; return the weight
     map, the number of tensors changed and each written shard's tensor digests."""
     from safetensors import safe_open
+    from tqdm.auto import tqdm
 
     weight_map, changed, seen, digests = {}, 0, set(), {}
     replaced = {k: v for a in adapters for k, v in a.replaced.items()}
     names = sorted(shards)
     located = {n: (s, h) for s in names for n, h in tensor_headers(base / s).items()}
     tied = {h: e for h, e in _tied_head_source(base, located).items() if any(h in a.deltas for a in adapters)}
-    for i, shard in enumerate(names):
+    for i, shard in enumerate(tqdm(names, desc="merge", unit="shard", disable=len(names) < 2)):
         headers = tensor_headers(base / shard)
         plan = []  # (name, dtype, shape) of each output tensor, known before any data is read
         for name, (dt, shape) in headers.items():

@@ -119,10 +119,10 @@ def install_training_template(
 def stop_ids(tokenizer, template) -> list[int]:
     """The template's end-of-turn token ids, then the tokenizer's EOS, without repeats."""
     ids = []
-    unk = getattr(tokenizer, "unk_token_id", None)
     for name in template.stop:
         tid = tokenizer.convert_tokens_to_ids(name)
-        if isinstance(tid, int) and tid != unk:
+        # a token the vocabulary lacks comes back as the unknown token's id (Qwen's unk *is* <|endoftext|>, a stop)
+        if isinstance(tid, int) and tokenizer.convert_ids_to_tokens(tid) == name:
             ids.append(tid)
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))

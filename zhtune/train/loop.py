@@ -248,10 +248,20 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     summary = {"steps": step, "last": last, "output": str(out), "best": best}
     if main:
         summary["adapter"] = str(_save_final_adapter(out, accelerator.unwrap_model(model), tokenizer, recipe))
-        summary["plot"] = str(plot_loss(out, title=f"{Path(recipe.model.path).name} · {recipe.template.name}"))
+        summary["plot"] = str(plot_loss(out, title=_plot_title(recipe, out)))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
+
+
+def _plot_title(recipe: Recipe, out: Path) -> str:
+    """``run 03-cgec/train · model 02-merge_instruct/model · template qwen``: which run, on which model, how."""
+
+    def last_two(path) -> str:
+        path = Path(path).resolve()
+        return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+    return f"run {last_two(out)} · model {last_two(recipe.model.path)} · template {recipe.template.name}"
 
 
 def _fresh_accelerator(accelerator_cls, mixed_precision: str):
