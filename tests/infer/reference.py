@@ -10,8 +10,9 @@ import torch
 def argmax_loop(model, prompt: list[int], budget: int, stops) -> tuple[list[int], bool]:
     """Greedy tokens after ``prompt``: ``(tokens before the stop token, stopped)``, at most ``budget`` tokens."""
     ids, out = list(prompt), []
+    device = next(model.parameters()).device
     for _ in range(budget):
-        t = int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+        t = int(model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1].argmax())
         if t in stops:
             return out, True
         out.append(t)
