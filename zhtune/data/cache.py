@@ -42,7 +42,7 @@ from zhtune.config import DataConfig, Recipe
 from zhtune.data.formats import LoadReport
 from zhtune.data.packing import row_from_arrays
 from zhtune.data.prepare import build_layout, build_samples, open_arrays, record_origins
-from zhtune.data.tokenize import IGNORE_INDEX, TokenizedSample
+from zhtune.data.tokenize import IGNORE_INDEX, TokenizedSample, pad_id
 from zhtune.errors import ConfigError
 from zhtune.paths import cache_root
 
@@ -336,8 +336,7 @@ def _build_samples(recipe: Recipe, tokenizer, folder: Path, key: str, inputs: di
     started = time.perf_counter()
     with atomic_dir(folder) as tmp:
         meta = build_samples(recipe, tokenizer, tmp)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        meta.update(key=key, inputs=inputs, pad_id=int(pad_id), seconds=round(time.perf_counter() - started, 2))
+        meta.update(key=key, inputs=inputs, pad_id=pad_id(tokenizer), seconds=round(time.perf_counter() - started, 2))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
 
 

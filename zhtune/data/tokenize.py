@@ -40,6 +40,13 @@ class TokenizedSample:
     origin: str = ""
 
 
+def pad_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS, else 0 (padding is masked out anyway)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    return int(tokenizer.eos_token_id or 0)
+
+
 def _special_id(tokenizer, name: str) -> int:
     tid = tokenizer.convert_tokens_to_ids(name)
     unk = getattr(tokenizer, "unk_token_id", None)

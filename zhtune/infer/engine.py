@@ -31,7 +31,7 @@ import torch
 
 from zhtune.data.conversation import Conversation
 from zhtune.data.templates import RenderOptions, SpecialTokens, Template
-from zhtune.data.tokenize import encode_segments
+from zhtune.data.tokenize import encode_segments, pad_id
 from zhtune.infer import speculative
 from zhtune.infer.completion import Completion, DecodeStats, Request
 from zhtune.infer.hf import hf_generate
@@ -288,8 +288,7 @@ class Generator:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            pad = self.tokenizer.pad_token_id
-            pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+            pad = pad_id(self.tokenizer)
             self._engine = Engine(
                 self.model,
                 self.stop_ids(),

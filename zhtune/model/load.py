@@ -18,7 +18,7 @@ import torch
 
 from zhtune.config import LoraConfig, ModelConfig
 from zhtune.errors import ConfigError
-from zhtune.model.checkpoint_files import MERGE_REPORT
+from zhtune.model.checkpoint_files import MERGE_REPORT, embedding_tensor_name
 from zhtune.model.targets import lora_targets
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ def load_adapter_model(base: str | Path, adapter: str | Path, dtype: str = "fp32
         ModelConfig(path=str(base), dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
     )
     with safe_open(Path(adapter) / "adapter_model.safetensors", "pt") as f:
-        embed = [k for k in f.keys() if k.endswith("embed_tokens.weight")]
-        rows = f.get_slice(embed[0]).get_shape()[0] if embed else None
+        embed = embedding_tensor_name(f.keys())
+        rows = f.get_slice(embed).get_shape()[0] if embed else None
     if rows and rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(rows)
     return peft.PeftModel.from_pretrained(model, str(adapter)).eval()

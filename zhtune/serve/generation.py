@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from zhtune.data.tokenize import pad_id
+
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy (dividing by it would overflow the logits)
 
 
@@ -240,9 +242,7 @@ def generate_rows(model, tokenizer, rows: list[Row], stop_ids: list[int]) -> lis
         return []
     for row in rows:
         row.stream = TextStream(tokenizer, row.params.stop)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = stop_ids[0] if stop_ids else 0
+    pad = pad_id(tokenizer)
     width = max(len(r.prompt_ids) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
     mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])

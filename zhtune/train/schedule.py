@@ -98,9 +98,6 @@ class StepSchedule:
         units = self._permutation(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
         return [units[i : i + self.micro] for i in range(0, len(units), self.micro)]
 
-    def for_rank(self, step: int, rank: int) -> list[list[int]]:
-        return self.micro_batches(step)[rank :: self.world]
-
 
 def collate(
     units: list, packed: bool, pad_id: int, mask_dtype: torch.dtype | None = torch.float32, device=None
