@@ -68,9 +68,12 @@ def base_fingerprint(model_dir: str | Path) -> str:
     """A short hash of a checkpoint's shape-defining config and its tensor names, dtypes and shapes.
 
     Two folders get the same fingerprint when they hold the same architecture and tensor layout; it is cheap (headers
-    only), so ``train`` records it and ``merge`` checks it.
+    only), so ``train`` records it and ``merge`` checks it. An original ChatGLM folder has the fingerprint of its
+    conversion (:func:`zhtune.model.convert.resolve_checkpoint`), the model that is actually trained and merged.
     """
-    model_dir = Path(model_dir)
+    from zhtune.model.convert import resolve_checkpoint
+
+    model_dir = resolve_checkpoint(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     h = hashlib.sha256(json.dumps({k: config.get(k) for k in SHAPE_KEYS}, sort_keys=True).encode())
     for shard in sorted(weight_shards(model_dir)):

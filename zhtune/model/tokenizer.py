@@ -12,7 +12,8 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """Load the tokenizer saved in the directory ``path``.
 
     Args:
-        path: a local checkpoint or tokenizer directory.
+        path: a local checkpoint or tokenizer directory; an original ChatGLM checkpoint is converted once (see
+            :func:`zhtune.model.convert.resolve_checkpoint`) and its converted tokenizer loaded.
         trust_remote_code: allow the checkpoint's own Python tokenizer class (ChatGLM, GLM-4 non-hf).
 
     Raises:
@@ -20,7 +21,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    from zhtune.model.convert import resolve_checkpoint
+
+    path = resolve_checkpoint(path)
     if not path.is_dir():
         raise ConfigError(f"tokenizer directory {path} does not exist")
     config_file = path / "tokenizer_config.json"
