@@ -324,7 +324,8 @@ class ZhtuneChatGLMForCausalLM(ZhtuneChatGLMPreTrainedModel, GenerationMixin):
             raise ValueError("ChatGLM-6B needs input_ids (its positions come from [gMASK] and <sop>)")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and cache is None and not (self.training and self.is_gradient_checkpointing):
+        checkpointing = self.training and any(layer.gradient_checkpointing for layer in self.model.layers)
+        if use_cache and cache is None and not checkpointing:
             try:
                 cache = DynamicCache(config=self.config)
             except TypeError:  # older signatures

@@ -31,6 +31,7 @@ from zhtune.model.convert.shards import (
     TensorIndex,
     iter_shards,
     shard_name,
+    source_shards,
     write_index,
     write_shard,
 )
@@ -77,6 +78,15 @@ def is_original_chatglm(path: str | Path) -> bool:
         return json.loads(file.read_text(encoding="utf-8")).get("model_type") == "chatglm"
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+
+
+def has_weights(path: str | Path) -> bool:
+    """True when ``path`` holds model weights (safetensors or pickle shards), not only tokenizer files."""
+    try:
+        source_shards(Path(path))
+    except ConfigError:
+        return False
+    return True
 
 
 def _code_text(path: Path) -> str:
