@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.model.fixtures import char_tokenizer, instruction_texts
-from tests.model.reference import read_state
+from tests.model.reference import build_original, read_state
 from zhtune.cli import main
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "chatglm3" / "6b_sft.yaml"
@@ -94,3 +94,18 @@ def test_train_and_merge_on_an_original_checkpoint(case, template, original, sha
             before = plain(input_ids=ids).logits
     assert (got - want).abs().max() <= 1e-4
     assert (want - before).abs().max() > 1e-2  # training changed the model, so the check above can fail
+
+    # the merged model goes back to the original layout: the original code computes the same logits
+    back = ["convert", str(merged), "--out", str(tmp_path / "back"), "--to", "chatglm", "--original", str(src)]
+    assert main(back) == 0
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    deployed = build_original(shared, case, config)
+    deployed.load_state_dict({k: v.float() for k, v in read_state(tmp_path / "back").items()})
+    with torch.no_grad():
+        assert (deployed.eval()(input_ids=ids).logits - got).abs().max() <= 1e-5
+
+    # zhtune correct takes the original folder and the adapter too
+    (tmp_path / "in.txt").write_text("他昨天去学校了。\n我很喜欢读书。\n", encoding="utf-8")
+    correct = ["correct", "--model", str(src), "--adapter", str(run / "adapter"), "--input", str(tmp_path / "in.txt")]
+    assert main([*correct, "--output", str(tmp_path / "hyp.para"), "--template", template]) == 0
+    assert len((tmp_path / "hyp.para").read_text(encoding="utf-8").splitlines()) == 2

@@ -260,3 +260,29 @@ def test_an_original_folder_is_converted_once_into_the_cache(original, conversio
     assert resolve_checkpoint(first) == first  # a native folder is left alone
     model = load_base_model(ModelConfig(path=str(src), dtype="fp32", attn_implementation="sdpa"))
     assert model.config.model_type == "glm"
+
+
+def test_safetensors_originals_convert_too(original, shared, tmp_path):
+    src, config = original("chatglm2", fmt="safetensors")
+    assert convert_checkpoint(src, tmp_path / "native")["shards"] == 3
+    assert_parity(parity(shared, "chatglm2", config, src, tmp_path / "native", _ids("chatglm2", config, 40)))
+
+
+@pytest.mark.parametrize("case,tokenizer_file", [("chatglm", "ice_text.model"), ("chatglm3", "tokenizer.model")])
+def test_the_tokenizer_is_converted_with_the_variant_name(
+    case, tokenizer_file, original, shared, tmp_path, monkeypatch
+):
+    """The contract with zhtune/model/convert/tokenizers.py: ``convert_tokenizer(src, dst, variant)`` is called for a
+    folder holding the SentencePiece file (what it writes is tested in test_tokenizers.py)."""
+    import sys
+    import types
+
+    src, _config = original(case, shards=1)
+    shared_dir = "chatglm-6b" if case == "chatglm" else "chatglm3-6b"
+    (src / tokenizer_file).write_bytes((shared / "tokenizers" / shared_dir / tokenizer_file).read_bytes())
+    calls = []
+    fake = types.ModuleType("zhtune.model.convert.tokenizers")
+    fake.convert_tokenizer = lambda s, d, v: calls.append((s, d.parent, v))
+    monkeypatch.setitem(sys.modules, "zhtune.model.convert.tokenizers", fake)
+    summary = convert_checkpoint(src, tmp_path / "native")
+    assert calls == [(src, tmp_path, case)] and summary["tokenizer"] == f"converted from {tokenizer_file}"

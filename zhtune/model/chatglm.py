@@ -317,7 +317,9 @@ class ZhtuneChatGLMForCausalLM(ZhtuneChatGLMPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (and the loss with ``labels``). ``cache`` and ``past_key_values`` are the two names transformers
-        has used for the KV cache (5.24 and 5.17); either is accepted."""
+        has used for the KV cache (5.24 and 5.17); either is accepted. Other keyword arguments transformers passes
+        (``return_dict``, ``output_attentions``, ...) are accepted and ignored: there are no attention weights to
+        return."""
         from transformers.cache_utils import DynamicCache
 
         if input_ids is None:
@@ -338,7 +340,8 @@ class ZhtuneChatGLMForCausalLM(ZhtuneChatGLMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            extra = {k: v for k, v in kwargs.items() if k in ("num_items_in_batch", "ignore_index")}
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **extra)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):

@@ -102,7 +102,9 @@ def convert_adapter(adapter: str | Path, base: str | Path, out: str | Path) -> d
 
     Args:
         adapter: peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors`` or ``.bin``).
-        base: the original ChatGLM checkpoint it was trained on (or its zhtune conversion).
+        base: the original ChatGLM checkpoint it was trained on (or its zhtune conversion). An original is converted
+            into the cache (:func:`zhtune.model.convert.resolve_checkpoint`) to record the fingerprint of the model
+            the adapter now fits, which ``zhtune merge`` checks; merge needs that conversion anyway.
         out: output folder; must not exist or be empty.
 
     Returns:
