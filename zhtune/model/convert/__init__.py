@@ -180,9 +180,10 @@ def _convert_weights(orig: OriginalCheckpoint, tmp: Path, expected: dict[str, li
                 dropped[name] = layouts.tensor_record(reader.get(name))
             else:
                 pieces += made
-        out = shard_name(i, n)
-        write_shard(tmp / out, pieces, reader.get, reader.dtype)
-        weight_map.update({p.name: out for p in pieces})
+        if pieces:  # a shard that held only dropped buffers leaves no file
+            out = shard_name(i, n)
+            write_shard(tmp / out, pieces, reader.get, reader.dtype)
+            weight_map.update({p.name: out for p in pieces})
     missing = sorted(set(expected) - set(weight_map))
     if missing:
         raise ConfigError(f"{orig.path}: tensors missing for the converted model: {missing[:6]}")
@@ -316,9 +317,10 @@ def convert_to_original(src: str | Path, out: str | Path, original: str | Path |
             pieces = [p for n in index.names_in(shard) for p in layouts.backward_pieces(layout, dims, n, shapes)]
             if i == 0:  # the buffers the original stores beside the weights
                 pieces += [layouts.Piece(n, list(t.shape), (n,), lambda ts: ts[0]) for n, t in buffers.items()]
-            name = shard_name(i, len(index.shards))
-            write_shard(tmp / name, pieces, fetch, dtype_of)
-            weight_map.update({p.name: name for p in pieces})
+            if pieces:  # k/v are written with their q, wherever q is
+                name = shard_name(i, len(index.shards))
+                write_shard(tmp / name, pieces, fetch, dtype_of)
+                weight_map.update({p.name: name for p in pieces})
         write_index(tmp, weight_map)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
         side = Path(original) if original else src / ORIGINAL_FILES

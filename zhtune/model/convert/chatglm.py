@@ -7,6 +7,8 @@ Two families:
   groups, ``dense_h_to_4h`` is already ``[gate | up]`` (``gate_up_proj``), rotary on the first half of each head in
   interleaved pairs (``partial_rotary_factor`` 0.5), RMSNorm, q/k/v bias. What differs per release is the rotary base:
   ChatGLM3-32k and GLM-4 multiply it by ``rope_ratio``; ChatGLM2-32k divides positions by it (linear scaling).
+  ChatGLM2's code builds its rotary table in the model dtype (in fp16, positions past 2048 round to even numbers);
+  the converted model computes it in fp32 as transformers' ``glm`` does, the exact values of the same formula.
 * ChatGLM-6B (v1) becomes zhtune's own ``zhtune_chatglm`` (:mod:`zhtune.model.chatglm`); its fused
   ``query_key_value`` interleaves q, k and v per head (``[h0: q k v | h1: q k v | ...]``).
 

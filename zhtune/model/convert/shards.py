@@ -153,8 +153,13 @@ def write_shard(path: Path, pieces: list, fetch, dtype_of) -> None:
 
 
 def write_index(folder: Path, weight_map: dict[str, str]) -> None:
+    """``model.safetensors.index.json`` for the shards of ``weight_map`` (none needed for a single file)."""
     shards = sorted(set(weight_map.values()))
-    if len(shards) > 1:
+    if len(shards) == 1 and shards[0] != "model.safetensors":
+        (folder / shards[0]).rename(folder / "model.safetensors")
+        for name in weight_map:
+            weight_map[name] = "model.safetensors"
+    elif len(shards) > 1:
         total = sum((folder / s).stat().st_size for s in shards)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / ST_INDEX).write_text(json.dumps(index, indent=2))
