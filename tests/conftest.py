@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ from tests.tokenizers import load_tokenizer
 
 SHARED = Path(os.environ.get("ZHTUNE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 SHARED_MISSING = f"../shared is absent ({SHARED}): real tokenizers and data are not available on this machine"
+
+# zhtune's caches (fingerprints, converted checkpoints, tokenized data) go to a fresh folder per test session, never to
+# the developer's ~/.cache; subprocesses started by tests inherit it.
+os.environ.setdefault("ZHTUNE_CACHE", tempfile.mkdtemp(prefix="zhtune-test-cache-"))
 
 
 @pytest.fixture(scope="session")

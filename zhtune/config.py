@@ -1,8 +1,10 @@
 """Typed configuration sections and the strict loader that builds them from YAML mappings.
 
-Each concern has one small frozen dataclass; :func:`from_mapping` turns a plain mapping (from YAML or CLI
-``key=value`` overrides) into one, refusing unknown keys and wrong types with the dotted path of the key.
-It deliberately knows nothing about training or models: higher layers add their own sections the same way.
+Each concern (data, template, tokenization, model, LoRA, training, output, in-loop evaluation) has one small frozen
+dataclass; :func:`from_mapping` turns a plain mapping (from YAML or CLI ``key=value`` overrides) into one, refusing
+unknown keys and wrong types with the dotted path of the key. These are plain settings: nothing here imports a model
+or reads data, so every layer can depend on this module; other recipes (the pipeline's) build their own dataclasses
+with the same loader.
 """
 
 from __future__ import annotations

@@ -201,3 +201,19 @@ def sample_ids(case: str, config: dict, lengths: tuple[int, ...], seed: int = 0)
     gmask, sop = (151331, 151333) if vocab == 151552 else (64790, 64792)
     body = torch.randint(20, min(vocab, 64000), (len(lengths), max(lengths)), generator=gen)
     return torch.cat([torch.tensor([[gmask, sop]] * len(lengths)), body], dim=1)
+
+
+# the real tokenizer files of each case in ../shared/tokenizers (what the released checkpoints ship beside the weights)
+TOKENIZER_FILES = {
+    "chatglm": ("chatglm-6b", "ice_text.model"),
+    "chatglm2": ("chatglm2-6b", "tokenizer.model"),
+    "chatglm3": ("chatglm3-6b", "tokenizer.model"),
+    "glm4": ("glm-4-9b-chat", "tokenizer.model"),
+}
+
+
+def copy_real_tokenizer(shared: Path, case: str, folder: Path) -> None:
+    """Put the release's real tokenizer model and ``tokenizer_config.json`` (with its ``auto_map``) into ``folder``."""
+    name, model_file = TOKENIZER_FILES[case.removesuffix("-32k")]
+    for f in (model_file, "tokenizer_config.json"):
+        shutil.copy(shared / "tokenizers" / name / f, folder / f)

@@ -1,8 +1,7 @@
 """The ``zhtune convert`` command, and ``zhtune train`` + ``zhtune merge`` run directly on original ChatGLM folders.
 
 Training uses the repository's ChatGLM3 recipe through the real CLI (3 steps, tiny shapes by overrides). The tiny
-originals carry a character-level fast tokenizer with the real special-token ids (``fixtures.py``): the converted
-SentencePiece tokenizers are tested on their own in ``test_tokenizers.py``.
+originals carry the release's real tokenizer files, converted with the weights.
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.model.fixtures import char_tokenizer, instruction_texts
-from tests.model.reference import build_original, read_state
+from tests.model.reference import build_original, copy_real_tokenizer, read_state
 from zhtune.cli import main
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "chatglm3" / "6b_sft.yaml"
@@ -54,7 +52,7 @@ def test_train_and_merge_on_an_original_checkpoint(case, template, original, sha
     # fp32 weights: the merged model must equal the live adapter to fp32 rounding (bf16 parity is tested elsewhere;
     # merge's greedy check on bf16-rounded random weights trips over near-ties of a flat 65k-way distribution)
     src, _config = original(case, dtype=torch.float32, shards=2)
-    char_tokenizer(src, "chatglm" if case == "chatglm" else "chatglm3", instruction_texts(shared / ALPACA))
+    copy_real_tokenizer(shared, case, src)  # converted with the checkpoint
     run = tmp_path / "run"
     overrides = [
         f"model.path={src}",

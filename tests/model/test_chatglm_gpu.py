@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.model.fixtures import char_tokenizer, instruction_texts
-from tests.model.reference import sample_ids
+from tests.model.reference import copy_real_tokenizer, sample_ids
 from tests.model.test_convert_chatglm import original_logits
 from zhtune.cli import main
 from zhtune.model.convert import convert_checkpoint
@@ -49,7 +48,7 @@ def test_bf16_on_gpu_within_bf16_rounding_of_the_original(case, original, shared
 @pytest.mark.parametrize("case,template", [("chatglm", "chatglm"), ("chatglm3", "chatglm3")])
 def test_train_on_gpu_then_merge(case, template, original, shared, tmp_path, capsys):
     src, _config = original(case, dtype=torch.float32, shards=2)  # merged in fp32: merge verifies at fp32 tolerance
-    char_tokenizer(src, "chatglm" if case == "chatglm" else "chatglm3", instruction_texts(shared / ALPACA))
+    copy_real_tokenizer(shared, case, src)  # converted with the checkpoint
     run = tmp_path / "run"
     overrides = [
         f"model.path={src}",

@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from tests.model.reference import CASES, build_original, read_state, reference, sample_ids
+from tests.model.reference import CASES, build_original, copy_real_tokenizer, read_state, reference, sample_ids
 from zhtune.errors import ConfigError
 from zhtune.model.convert import chatglm as layouts
 from zhtune.model.convert import convert_checkpoint, convert_to_original, detect_original, resolve_checkpoint
@@ -268,21 +268,30 @@ def test_safetensors_originals_convert_too(original, shared, tmp_path):
     assert_parity(parity(shared, "chatglm2", config, src, tmp_path / "native", _ids("chatglm2", config, 40)))
 
 
-@pytest.mark.parametrize("case,tokenizer_file", [("chatglm", "ice_text.model"), ("chatglm3", "tokenizer.model")])
-def test_the_tokenizer_is_converted_with_the_variant_name(
-    case, tokenizer_file, original, shared, tmp_path, monkeypatch
-):
-    """The contract with zhtune/model/convert/tokenizers.py: ``convert_tokenizer(src, dst, variant)`` is called for a
-    folder holding the SentencePiece file (what it writes is tested in test_tokenizers.py)."""
-    import sys
-    import types
+@pytest.mark.parametrize("case", ["chatglm", "chatglm3", "glm4"])
+def test_the_tokenizer_is_converted_and_agrees_with_the_model_config(case, original, shared, tmp_path):
+    """The tokenizer files beside the weights are converted (zhtune/model/convert/tokenizers.py, tested on its own in
+    test_tokenizers.py); here: it loads without remote code and its special tokens are the ids the converted model's
+    config and generation config use."""
+    from transformers import AutoTokenizer
 
     src, _config = original(case, shards=1)
-    shared_dir = "chatglm-6b" if case == "chatglm" else "chatglm3-6b"
-    (src / tokenizer_file).write_bytes((shared / "tokenizers" / shared_dir / tokenizer_file).read_bytes())
-    calls = []
-    fake = types.ModuleType("zhtune.model.convert.tokenizers")
-    fake.convert_tokenizer = lambda s, d, v: calls.append((s, d.parent, v))
-    monkeypatch.setitem(sys.modules, "zhtune.model.convert.tokenizers", fake)
+    copy_real_tokenizer(shared, case, src)
     summary = convert_checkpoint(src, tmp_path / "native")
-    assert calls == [(src, tmp_path, case)] and summary["tokenizer"] == f"converted from {tokenizer_file}"
+    assert summary["tokenizer"].startswith("converted from ")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "native")  # no trust_remote_code
+    native = json.loads((tmp_path / "native" / "config.json").read_text())
+    generation = json.loads((tmp_path / "native" / "generation_config.json").read_text())
+    if case == "chatglm":
+        ids = tok.convert_tokens_to_ids(["[gMASK]", "[MASK]", "<sop>", "<eop>"])
+        assert ids == [
+            native["gmask_token_id"],
+            native["mask_token_id"],
+            native["bos_token_id"],
+            native["eos_token_id"],
+        ]
+    elif case == "chatglm3":
+        assert tok.convert_tokens_to_ids(["</s>", "<|user|>", "<|observation|>"]) == generation["eos_token_id"]
+    else:
+        eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+        assert eos == generation["eos_token_id"] == native["eos_token_id"]

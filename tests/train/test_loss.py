@@ -77,3 +77,22 @@ def test_chunked_loss_sees_through_a_ddp_wrapper(tmp_path, monkeypatch):
     fast = summed_ce_chunked(Wrapper(model), inputs, labels)
     assert fast is not None
     torch.testing.assert_close(fast, summed_cross_entropy(model(**inputs).logits, labels), rtol=1e-5, atol=1e-5)
+
+
+def test_validation_loss_uses_the_chunked_loss(llama_checkpoint, shared, tmp_path, monkeypatch):
+    """Validation at step 0 must not build full logits (7.5 GB at 4x2048 with a 152k vocabulary)."""
+    from tests.train.conftest import ALPACA, write_recipe
+    from zhtune.cli import main
+    from zhtune.train import loop
+
+    calls = []
+    full = loop.summed_cross_entropy
+    monkeypatch.setattr(loop, "summed_cross_entropy", lambda *a: calls.append(1) or full(*a))
+    train = {"max_steps": 2, "eval_every": 1}
+    recipe = write_recipe(tmp_path / "r.yaml", llama_checkpoint, shared / ALPACA, tmp_path / "r", "llama2", train=train)
+    assert main(["train", str(recipe)]) == 0
+    assert calls == []
+    # a second run in the same process, in another precision, with the plain loss
+    plain = ["train.chunked_loss=false", f"output.dir={tmp_path / 'plain'}", "model.dtype=bf16"]
+    assert main(["train", str(recipe), *plain]) == 0
+    assert calls  # the check can fail: the plain path does build full logits

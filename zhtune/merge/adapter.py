@@ -86,7 +86,10 @@ def read_adapter(path: str | Path) -> Adapter:
         if not key.startswith(PREFIX):
             raise ConfigError(f"{path}: tensor {key!r} does not start with {PREFIX!r}; not a peft state dict")
         # peft saves modules_to_save copies under the base name, or (some versions, untied heads) with a
-        # ".modules_to_save" infix; both mean "replace this base tensor".
+        # ".modules_to_save" infix; both mean "replace this base tensor". Some versions also save the frozen
+        # ".original_module" beside a resized copy: that is the base tensor itself, not part of the update.
+        if ".original_module." in key:
+            continue
         name = re.sub(r"\.modules_to_save(\.default)?\.", ".", key[len(PREFIX) :])
         m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)", name)
         if m:
@@ -119,6 +122,30 @@ def _delta(path: Path, config: dict, module: str, parts: dict[str, torch.Tensor]
     if magnitude is not None and magnitude.numel() != b.shape[0]:
         raise ConfigError(f"{path}: {name}.lora_magnitude_vector has {magnitude.numel()} values, expected {b.shape[0]}")
     return LoraDelta(a, b, float(scale), magnitude, bool(config.get("fan_in_fan_out")))
+
+
+def lineage_checks(base_lineage: dict, base_fingerprint: str, adapters: list[Adapter]) -> list[dict]:
+    """For every adapter of a chain: was it trained on the model it is applied to?
+
+    Adapter ``k`` applies to the base plus adapters ``0..k-1``; its ``zhtune_adapter.json`` records the lineage of
+    the model it was trained on (``base_lineage``; older adapters record only ``base_fingerprint``). Returns one
+    ``{"adapter", "status", "expected", "recorded"}`` per adapter, status ``match``, ``mismatch`` or ``unrecorded``
+    (a plain peft adapter: nothing to compare).
+    """
+    out = []
+    for k, ad in enumerate(adapters):
+        before = [a.sha256 for a in adapters[:k]]
+        expected = {"root": base_lineage["root"], "adapters": base_lineage["adapters"] + before}
+        recorded = ad.meta.get("base_lineage")
+        if recorded is not None:
+            status = "match" if recorded == expected else "mismatch"
+        elif ad.meta.get("base_fingerprint") and k == 0:
+            expected, recorded = base_fingerprint, ad.meta["base_fingerprint"]
+            status = "match" if recorded == expected else "mismatch"
+        else:
+            status = "unrecorded"
+        out.append({"adapter": str(ad.path), "status": status, "expected": expected, "recorded": recorded})
+    return out
 
 
 def apply_delta(weight: torch.Tensor, delta: LoraDelta, name: str) -> torch.Tensor:

@@ -18,12 +18,23 @@ from pathlib import Path
 
 import torch
 
+from zhtune.atomic import write_text_atomic
 from zhtune.errors import ConfigError
 from zhtune.memory import peak_rss_mb, reset_peak_rss, rss_mb
-from zhtune.merge.adapter import Adapter, apply_delta, read_adapter
-from zhtune.model.checkpoint_files import base_fingerprint, tensor_headers, weight_shards
+from zhtune.merge.adapter import Adapter, apply_delta, lineage_checks, read_adapter
+from zhtune.merge.side_files import code_files, copy_side_files, install_training_template
+from zhtune.model.checkpoint_files import (
+    MERGE_REPORT,
+    base_fingerprint,
+    embedding_tensor_name,
+    model_lineage,
+    remember_digests,
+    tensor_hasher,
+    tensor_headers,
+    weight_shards,
+)
+from zhtune.model.load import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,
@@ -36,20 +47,6 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "ice_text.model",
-)
-
-
 @dataclass
 class MergeResult:
     out: Path
@@ -60,6 +57,11 @@ class MergeResult:
     peak_rss_growth_mb: float = 0.0
     config_changes: dict = field(default_factory=dict)
     template: str | None = None  # the chat template the last adapter was trained with (zhtune metadata)
+    recipe: dict | None = None  # the last adapter's resolved training recipe (zhtune metadata)
+    lineage: dict = field(default_factory=dict)  # {"root": fingerprint, "adapters": [sha256, ...]} of the output
+    lineage_checks: list = field(default_factory=list)  # per adapter: trained on the model it was applied to?
+    fingerprint: str = ""  # content fingerprint of the output
+    side_files: dict = field(default_factory=dict)  # chat template source, end-of-turn ids
 
 
 def _check_out(out: Path) -> None:
@@ -70,28 +72,19 @@ def _check_out(out: Path) -> None:
 def _tied_head_source(base: Path, headers: dict) -> dict[str, str]:
     """``{"lm_head.weight": embed_key}`` when the base ties its output head to the embeddings and stores no head."""
     config = json.loads((base / "config.json").read_text())
-    embed = next((n for n in headers if n.endswith("embed_tokens.weight")), None)
+    embed = embedding_tensor_name(headers)
     if config.get("tie_word_embeddings") and embed and "lm_head.weight" not in headers:
         return {"lm_head.weight": embed}
     return {}
 
 
-def _check_plan(base: Path, adapters: list[Adapter], shards: dict[str, list[str]], allow_mismatch: bool) -> None:
+def _check_plan(base: Path, adapters: list[Adapter], shards: dict[str, list[str]]) -> None:
     headers = {}
     for shard in shards:
         headers.update(tensor_headers(base / shard))
     for head, embed in _tied_head_source(base, headers).items():
         headers[head] = headers[embed]  # a LoRA on a tied head starts from the embeddings and unties them
-    fingerprint = None
     for ad in adapters:
-        expected = ad.meta.get("base_fingerprint")
-        if expected and ad is adapters[0]:
-            fingerprint = fingerprint or base_fingerprint(base)
-            if expected != fingerprint and not allow_mismatch:
-                raise ConfigError(
-                    f"adapter {ad.path} was trained on a base with fingerprint {expected}, but {base} has "
-                    f"{fingerprint}; pass --allow-base-mismatch if you are sure"
-                )
         for name, delta in ad.deltas.items():
             if name not in headers and not any(name in a.replaced for a in adapters):
                 raise ConfigError(f"adapter {ad.path} changes {name}, which the base {base} does not have")
@@ -112,6 +105,7 @@ def merge_adapters(
     out: str | Path,
     dtype: str | None = None,
     allow_base_mismatch: bool = False,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
     """Merge ``adapter_paths`` (in order) into ``base`` and write a Hugging Face checkpoint to ``out``.
 
@@ -120,7 +114,9 @@ def merge_adapters(
         adapter_paths: peft LoRA adapter folders, applied in this order.
         out: output folder; must not exist or be empty.
         dtype: ``bf16``/``fp16``/``fp32``; default keeps each tensor's dtype.
-        allow_base_mismatch: merge even when an adapter records a different base fingerprint.
+        allow_base_mismatch: merge even when an adapter records that it was trained on another model than the one
+            it is applied to (the base, then the base plus the adapters before it).
+        trust_remote_code: allow the tokenizer's own code when installing the training chat template.
 
     Returns:
         A :class:`MergeResult` with counts, time and peak RSS growth.
@@ -137,26 +133,35 @@ def merge_adapters(
         raise ConfigError("give at least one --adapter")
     adapters = [read_adapter(p) for p in adapter_paths]
     shards = weight_shards(base)
-    _check_plan(base, adapters, shards, allow_base_mismatch)
+    _check_plan(base, adapters, shards)
+    base_lineage = model_lineage(base)
+    lineage = _check_lineage(base, base_lineage, adapters, allow_base_mismatch)
+    code = code_files([base] + [a.path for a in adapters])
     target = DTYPES[dtype] if dtype else None
+    last = next((a.meta for a in reversed(adapters) if a.meta.get("template")), {})
+    recipe = last.get("recipe")
     partial = out.parent / f".{out.name}.zhtune-partial-{os.getpid()}"
     partial.mkdir(parents=True)
 
     try:
-        weight_map, changed = _write_shards(base, shards, adapters, partial, target)
+        weight_map, changed, digests = _write_shards(base, shards, adapters, partial, target)
         if len(shards) > 1:
             total = sum((partial / s).stat().st_size for s in set(weight_map.values()))
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         changes = _write_config(base, partial, adapters, target, weight_map)
-        _copy_side_files(base, partial, adapters)
+        copy_side_files(base, partial, [a.path for a in adapters], code)
+        system = ((recipe or {}).get("template") or {}).get("system")
+        side = install_training_template(partial, last.get("template"), system, trust_remote_code)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # never leave a half-written checkpoint behind
         raise
     if out.exists():
         out.rmdir()  # an empty folder the user made for us
     partial.rename(out)
-    return MergeResult(
+    for shard, tensors in digests.items():
+        remember_digests(out / shard, tensors)  # hashed while written: the output's fingerprint needs no second read
+    result = MergeResult(
         out=out,
         adapters=[
             {"path": str(a.path), "sha256": a.sha256, "lora_modules": len(a.deltas), "replaced": sorted(a.replaced)}
@@ -167,20 +172,43 @@ def merge_adapters(
         seconds=time.perf_counter() - start,
         peak_rss_growth_mb=max(0.0, peak_rss_mb() - rss0),
         config_changes=changes,
-        template=next((a.meta["template"] for a in reversed(adapters) if a.meta.get("template")), None),
+        template=last.get("template"),
+        recipe=recipe,
+        lineage={"root": base_lineage["root"], "adapters": base_lineage["adapters"] + [a.sha256 for a in adapters]},
+        lineage_checks=lineage,
+        fingerprint=base_fingerprint(out),
+        side_files=side,
     )
+    write_report(result, None, dtype)
+    return result
 
 
-def _write_shards(base: Path, shards: dict, adapters: list[Adapter], out: Path, target) -> tuple[dict, int]:
-    """Stream every base shard through the adapters into ``out``, one tensor in memory at a time."""
+def _check_lineage(base: Path, base_lineage: dict, adapters: list[Adapter], allow: bool) -> list[dict]:
+    """Refuse (unless ``allow``) an adapter that records having been trained on another model than it meets here."""
+    checks = lineage_checks(base_lineage, base_fingerprint(base), adapters)
+    wrong = [c for c in checks if c["status"] == "mismatch"]
+    if wrong and not allow:
+        c = wrong[0]
+        raise ConfigError(
+            f"adapter {c['adapter']} was trained on another model (recorded {c['recorded']}) than the one it is "
+            f"applied to here ({c['expected']}: {base} plus the adapters before it); merge the adapters it was "
+            "trained on first, or pass --allow-base-mismatch if you are sure"
+        )
+    return checks
+
+
+def _write_shards(base: Path, shards: dict, adapters: list[Adapter], out: Path, target) -> tuple[dict, int, dict]:
+    """Stream every base shard through the adapters into ``out``, one tensor in memory at a time; return the weight
+    map, the number of tensors changed and each written shard's tensor digests."""
     from safetensors import safe_open
+    from tqdm.auto import tqdm
 
-    weight_map, changed, seen = {}, 0, set()
+    weight_map, changed, seen, digests = {}, 0, set(), {}
     replaced = {k: v for a in adapters for k, v in a.replaced.items()}
     names = sorted(shards)
     located = {n: (s, h) for s in names for n, h in tensor_headers(base / s).items()}
     tied = {h: e for h, e in _tied_head_source(base, located).items() if any(h in a.deltas for a in adapters)}
-    for i, shard in enumerate(names):
+    for i, shard in enumerate(tqdm(names, desc="merge", unit="shard", disable=len(names) < 2)):
         headers = tensor_headers(base / shard)
         plan = []  # (name, dtype, shape) of each output tensor, known before any data is read
         for name, (dt, shape) in headers.items():
@@ -217,16 +245,17 @@ def _write_shards(base: Path, shards: dict, adapters: list[Adapter], out: Path, 
                     )
                 return tensor.to(dtype)
 
-            write_safetensors(out / out_name, plan, produce)
+            digests[out_name] = write_safetensors(out / out_name, plan, produce)
         weight_map.update({name: out_name for name, _d, _s in plan})
-    return weight_map, changed
+    return weight_map, changed, digests
 
 
-def write_safetensors(path: Path, plan: list[tuple[str, torch.dtype, list[int]]], produce) -> None:
+def write_safetensors(path: Path, plan: list[tuple[str, torch.dtype, list[int]]], produce) -> dict[str, str]:
     """Write a safetensors file tensor by tensor: the header comes from ``plan``, the data from ``produce``.
 
     Only one tensor is in memory at a time, unlike ``safetensors.torch.save_file`` which needs the whole dict
-    (and serialises a copy of it).
+    (and serialises a copy of it). Returns the tensors' content digests (as
+    :func:`zhtune.model.checkpoint_files.tensor_digests` computes them), hashed while writing.
     """
     names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -236,6 +265,7 @@ def write_safetensors(path: Path, plan: list[tuple[str, torch.dtype, list[int]]]
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    digests = {}
     with path.open("wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
@@ -243,8 +273,13 @@ def write_safetensors(path: Path, plan: list[tuple[str, torch.dtype, list[int]]]
             tensor = produce(name, dtype).contiguous()
             if list(tensor.shape) != list(shape):
                 raise ConfigError(f"tensor {name} has shape {tuple(tensor.shape)}, planned {tuple(shape)}")
-            f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-            del tensor
+            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            f.write(data)
+            h = tensor_hasher(names[dtype], shape)
+            h.update(data)
+            digests[name] = h.hexdigest()
+            del tensor, data
+    return digests
 
 
 def _merged_tensor(name: str, tensor: torch.Tensor | None, adapters: list[Adapter]) -> tuple[torch.Tensor, int]:
@@ -262,7 +297,7 @@ def _merged_tensor(name: str, tensor: torch.Tensor | None, adapters: list[Adapte
 def _write_config(base: Path, out: Path, adapters: list[Adapter], target, weight_map: dict) -> dict:
     config = json.loads((base / "config.json").read_text())
     changes = {}
-    embed = next((n for n in weight_map if n.endswith("embed_tokens.weight")), None)
+    embed = embedding_tensor_name(weight_map)
     replaced = {k: v for a in adapters for k, v in a.replaced.items()}
     if embed in replaced and replaced[embed].shape[0] != config.get("vocab_size"):
         changes["vocab_size"] = [config.get("vocab_size"), replaced[embed].shape[0]]
@@ -279,16 +314,26 @@ def _write_config(base: Path, out: Path, adapters: list[Adapter], target, weight
     return changes
 
 
-def tokenizer_source(base: Path, adapter_paths: list[Path]) -> Path:
-    """Where the merged model's tokenizer comes from: the last adapter that ships one (an extended vocabulary
-    does), else the base."""
-    return next((p for p in reversed(adapter_paths) if any((p / f).exists() for f in TOKENIZER_FILES)), base)
-
-
-def _copy_side_files(base: Path, out: Path, adapters: list[Adapter]) -> None:
-    if (base / "generation_config.json").exists():
-        shutil.copy(base / "generation_config.json", out / "generation_config.json")
-    source = tokenizer_source(base, [a.path for a in adapters])
-    for f in TOKENIZER_FILES:
-        if (source / f).exists():
-            shutil.copy(source / f, out / f)
+def write_report(result: MergeResult, checks: list[dict] | None, dtype: str | None, verify_seconds: float = 0) -> dict:
+    """Write ``merge_report.json`` into the merged folder and return it. :func:`merge_adapters` writes one without
+    checks (so every merged folder records its lineage); verification writes it again with its checks."""
+    report = {
+        "out": str(result.out),
+        "template": result.template,
+        "recipe": result.recipe,
+        "adapters": result.adapters,
+        "dtype": dtype or "as base",
+        "shards": result.shards,
+        "tensors_changed": result.tensors_changed,
+        "config_changes": result.config_changes,
+        "side_files": result.side_files,
+        "fingerprint": result.fingerprint,
+        "lineage": result.lineage,
+        "timings_s": {"merge": round(result.seconds, 3), "verify": round(verify_seconds, 3)},
+        "peak_rss_growth_mb": round(result.peak_rss_growth_mb, 1),
+        "verified": checks is not None,
+        "checks": checks or [],
+        "passed": all(c["passed"] or c.get("waived") for c in checks) if checks is not None else None,
+    }
+    write_text_atomic(result.out / MERGE_REPORT, json.dumps(report, indent=2, ensure_ascii=False))
+    return report

@@ -271,11 +271,20 @@ class ZhtuneChatGLMModel(ZhtuneChatGLMPreTrainedModel):
             allowed = allowed & attention_mask.bool()[:, None, None, -(past + n) :]
         return position_ids, allowed
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False):
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=False, inputs_embeds=None
+    ):
+        """Final hidden states. Positions come from ``input_ids`` (or ``position_ids``); with ``inputs_embeds``
+        alone there is no ``[gMASK]``/``<sop>`` to find and each row is read as plain text (causal, positions 0..n-1)
+        unless 2D ``position_ids`` are given."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if input_ids is None:
+            input_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
         past = cache.get_seq_length() if cache is not None else 0
         positions, allowed = self._plan(input_ids, attention_mask, position_ids, cache, past)
         rotary = self.rotary(positions)
-        hidden = self.embed_tokens(input_ids)
+        hidden = inputs_embeds
         for layer in self.layers:
             hidden = layer(hidden, rotary=rotary, allowed=allowed, layer_past=cache, use_cache=use_cache)
         return self.norm(hidden)
@@ -322,8 +331,6 @@ class ZhtuneChatGLMForCausalLM(ZhtuneChatGLMPreTrainedModel, GenerationMixin):
         return."""
         from transformers.cache_utils import DynamicCache
 
-        if input_ids is None:
-            raise ValueError("ChatGLM-6B needs input_ids (its positions come from [gMASK] and <sop>)")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         checkpointing = self.training and any(layer.gradient_checkpointing for layer in self.model.layers)
@@ -332,7 +339,10 @@ class ZhtuneChatGLMForCausalLM(ZhtuneChatGLMPreTrainedModel, GenerationMixin):
                 cache = DynamicCache(config=self.config)
             except TypeError:  # older signatures
                 cache = DynamicCache()
-        hidden = self.model(input_ids, attention_mask, position_ids, cache if use_cache else None, use_cache)
+        inputs_embeds = kwargs.get("inputs_embeds")
+        hidden = self.model(
+            input_ids, attention_mask, position_ids, cache if use_cache else None, use_cache, inputs_embeds
+        )
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:] if logits_to_keep > 0 else hidden
         else:

@@ -7,7 +7,13 @@ import html
 from pathlib import Path
 
 from zhtune.pipeline.config import PipelineConfig
-from zhtune.pipeline.runner import read_manifest
+from zhtune.pipeline.manifest import read_manifest
+
+APPROXIMATE = (
+    " These numbers are approximate: ChERRANT's lookup tables (cilin.txt, confusion_dict.txt) were not found, so every"
+    " character substitution gets ChERRANT's unknown-class cost and a few edits can be split or merged differently from"
+    " the official scorer; gains between models stay comparable. Run `zhtune tables download` for exact figures."
+)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -92,7 +98,9 @@ def _sections(config: PipelineConfig, plans) -> list[tuple[str, str, list[Path]]
                         sum(r["fallbacks"].values()),
                     ]
                 )
-        body = f"Scorer: {m['metrics'].get('scorer', 'ChERRANT char-level')}.\n\n" + _table(
+        scorer = m["metrics"].get("scorer", "ChERRANT char-level")
+        note = APPROXIMATE if "approximate" in scorer else ""
+        body = f"Scorer: {scorer}.{note}\n\n" + _table(
             ["model", "set", "sentences", "TP", "FP", "FN", "P", "R", "F0.5", "over-correction", "fallbacks"], rows
         )
         gains = []

@@ -2,10 +2,12 @@
 
 Every stage gets a folder ``WORK/NN-name`` and a ``manifest.json`` (inputs and their fingerprints, outputs, metrics,
 wall time, peak memory). A stage's fingerprint hashes its own settings, the contents of the data files it reads and
-the fingerprint of the stage before it (the first one hashes the base model's tensor layout), so changing a data
+the fingerprint of the stage before it (the first one hashes the base model's content), so changing a data
 file changes exactly that stage and everything after it. A stage whose manifest says ``done`` with the same
 fingerprint is skipped; one left ``running`` with the same fingerprint is resumed (``sft`` from its last
-checkpoint); a stale one is removed and run again.
+checkpoint); a stale one (or one after a stage that ran) is removed and run again. Models count by content: a
+stage whose input model, or a merge whose output model, has other bytes than when it ran is stale
+(:mod:`zhtune.pipeline.manifest`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from zhtune.atomic import write_text_atomic
 from zhtune.errors import ZhtuneError
 from zhtune.memory import peak_rss_mb, reset_peak_rss
-from zhtune.model.checkpoint_files import base_fingerprint, file_sha256
+from zhtune.model.checkpoint_files import MERGE_REPORT, base_fingerprint, file_sha256
 from zhtune.pipeline.config import PipelineConfig, StageConfig
-
-MANIFEST = "manifest.json"
+from zhtune.pipeline.manifest import model_fingerprint_or_none, read_manifest, stale_reason, write_manifest
 
 
 @dataclass
@@ -73,26 +73,19 @@ def _by_content(value, files: dict[str, str]):
     return value
 
 
-def read_manifest(stage_dir: Path) -> dict | None:
-    path = stage_dir / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def _write_manifest(stage_dir: Path, manifest: dict) -> None:
-    write_text_atomic(stage_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
-
-
 def stage_states(config: PipelineConfig) -> list[tuple[str, str, str]]:
-    """``(name, kind, state)`` with state ``done``, ``stale`` (inputs changed since it ran) or ``pending``."""
-    out = []
+    """``(name, kind, state)`` with state ``done``, ``stale`` (its settings, data or models changed since it ran, or a
+    stage before it is stale) or ``pending``."""
+    out, upstream_stale = [], False
     for plan in plan_pipeline(config):
         m = read_manifest(plan.dir)
         if m is None:
             state = "pending"
-        elif m["fingerprint"] != plan.fingerprint:
+        elif m["fingerprint"] != plan.fingerprint or upstream_stale or (m["status"] == "done" and stale_reason(m)):
             state = "stale"
         else:
             state = "done" if m["status"] == "done" else "pending"
+        upstream_stale = upstream_stale or state == "stale"
         out.append((plan.config.name, plan.config.kind, state))
     return out
 
@@ -109,17 +102,21 @@ class PipelineRunner:
     def run(self) -> dict:
         plans = plan_pipeline(self.config)
         Path(self.config.work_dir).mkdir(parents=True, exist_ok=True)
-        summary = {"stages": []}
+        summary, rerun = {"stages": []}, False
         for plan in plans:
             m = read_manifest(plan.dir)
-            if m and m["status"] == "done" and m["fingerprint"] == plan.fingerprint:
+            same = bool(m and m["fingerprint"] == plan.fingerprint and not rerun)
+            why = stale_reason(m) if same and m["status"] == "done" else None
+            if same and m["status"] == "done" and not why:
                 self.log(f"[{plan.config.name}] done, skipped")
                 self._adopt(plan.config, m["outputs"])
                 summary["stages"].append({"name": plan.config.name, "action": "skipped"})
                 continue
-            resume = bool(m and m["status"] == "running" and m["fingerprint"] == plan.fingerprint)
+            rerun = True  # everything after a stage that runs sees new inputs
+            resume = same and m["status"] == "running"
             if m and not resume:
-                self.log(f"[{plan.config.name}] stale, running again")
+                why = why or "its settings, data or an earlier stage changed"
+                self.log(f"[{plan.config.name}] stale ({why}), running again")
                 shutil.rmtree(plan.dir)
             plan.dir.mkdir(parents=True, exist_ok=True)
             manifest = {
@@ -130,7 +127,7 @@ class PipelineRunner:
                 "inputs": self._inputs(plan),
                 "started": time.time(),
             }
-            _write_manifest(plan.dir, manifest)
+            write_manifest(plan.dir, manifest)
             self.log(f"[{plan.config.name}] {'resuming' if resume else 'running'} {plan.config.kind}")
             reset_peak_rss()
             t0 = time.perf_counter()
@@ -142,7 +139,7 @@ class PipelineRunner:
                 wall_s=round(time.perf_counter() - t0, 2),
                 peak_rss_mb=peak_rss_mb(),
             )
-            _write_manifest(plan.dir, manifest)
+            write_manifest(plan.dir, manifest)
             self._adopt(plan.config, outputs)
             summary["stages"].append({"name": plan.config.name, "action": "resumed" if resume else "ran"})
         from zhtune.pipeline.report import write_report
@@ -151,7 +148,11 @@ class PipelineRunner:
         return summary
 
     def _inputs(self, plan: StagePlan) -> dict:
-        inputs = {"model": self.current_model, "data": plan.data_files}
+        inputs = {
+            "model": self.current_model,
+            "model_fingerprint": model_fingerprint_or_none(self.current_model),
+            "data": plan.data_files,
+        }
         if plan.config.kind == "merge":
             inputs["adapter"] = self.last_adapter
         return inputs
@@ -189,28 +190,25 @@ class PipelineRunner:
         return {"adapter": summary["adapter"], "loss_png": summary.get("plot"), "train_dir": str(out)}, metrics
 
     def _run_merge(self, plan: StagePlan, resume: bool) -> tuple[dict, dict]:
-        from zhtune.merge.merge import merge_adapters
-        from zhtune.merge.verify import verify_merge, write_report
+        from zhtune.merge.merge import merge_adapters, write_report
+        from zhtune.merge.verify import verify_merge
 
         out = plan.dir / "model"
         if out.exists():
             shutil.rmtree(out)
         t0 = time.perf_counter()
-        result = merge_adapters(self.current_model, [self.last_adapter], out, plan.config.dtype)
+        remote = self.config.trust_remote_code
+        dtype = plan.config.dtype
+        result = merge_adapters(self.current_model, [self.last_adapter], out, dtype, trust_remote_code=remote)
         checks = None
         if plan.config.verify:
-            checks = verify_merge(
-                Path(self.current_model),
-                [Path(self.last_adapter)],
-                out,
-                plan.config.dtype or "fp32",
-                trust_remote_code=self.config.trust_remote_code,
-            )
+            checks = verify_merge(Path(self.current_model), [Path(self.last_adapter)], out, trust_remote_code=remote)
         report = write_report(result, checks, plan.config.dtype, time.perf_counter() - t0 - result.seconds)
         if report["passed"] is False:
             failed = [c["check"] for c in report["checks"] if not c["passed"]]
             raise ZhtuneError(f"stage {plan.config.name}: merge verification failed: {failed}")
-        return {"model": str(out), "merge_report": str(out / "merge_report.json")}, {
+        outputs = {"model": str(out), "model_fingerprint": result.fingerprint, "merge_report": str(out / MERGE_REPORT)}
+        return outputs, {
             "verified": report["passed"],
             "checks": {c["check"]: c["passed"] for c in report["checks"]},
             "tensors_changed": report["tensors_changed"],

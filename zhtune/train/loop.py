@@ -21,7 +21,7 @@ from zhtune import __version__
 from zhtune.atomic import atomic_dir
 from zhtune.config import Recipe, recipe_to_dict
 from zhtune.errors import ConfigError
-from zhtune.model.checkpoint_files import base_fingerprint, file_sha256
+from zhtune.model.checkpoint_files import base_fingerprint, file_sha256, model_lineage
 from zhtune.model.load import attach_lora, fit_embeddings, load_base_model, upcast_trainable, write_adapter_meta
 from zhtune.model.tokenizer import load_tokenizer
 from zhtune.train.checkpoint import CHECKPOINTS, find_checkpoint, load_checkpoint, save_checkpoint
@@ -73,15 +73,16 @@ def _forward_loss(model, batch: dict, device, chunked: bool = False) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate(model, accelerator, units: list, data, micro_batch_size: int, mask_dtype) -> float:
-    """Mean loss per supervised token over ``units`` (sharded across ranks)."""
+def evaluate(model, accelerator, units: list, data, micro_batch_size: int, mask_dtype, chunked: bool = True) -> float:
+    """Mean loss per supervised token over ``units`` (sharded across ranks); through the chunked loss by default, so
+    validation never builds the full ``[rows, length, vocab]`` logits that training avoids."""
     model.eval()
     mine = units[accelerator.process_index :: accelerator.num_processes]
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for i in range(0, len(mine), micro_batch_size):
         chunk = mine[i : i + micro_batch_size]
         batch = collate(chunk, data.packed, data.pad_id, mask_dtype, accelerator.device)
-        total[0] += _forward_loss(model, batch, accelerator.device)
+        total[0] += _forward_loss(model, batch, accelerator.device, chunked)
         total[1] += supervised_tokens(chunk)
     total = accelerator.reduce(total, "sum")
     model.train()
@@ -89,10 +90,22 @@ def evaluate(model, accelerator, units: list, data, micro_batch_size: int, mask_
 
 
 def _adapter_meta(recipe: Recipe) -> dict:
+    """What ``zhtune_adapter.json`` records: the model trained on (content fingerprint and lineage), template, data.
+
+    With ``lora.init_adapter`` in ``merge_then_new`` mode the model trained on is the base with that adapter merged
+    in memory: no folder holds it, so the fingerprint is None and the lineage names the base plus that adapter.
+    """
+    fingerprint = base_fingerprint(recipe.model.path)
+    lineage = model_lineage(recipe.model.path)
+    init = recipe.lora.init_adapter
+    if init is not None and init.mode == "merge_then_new":
+        fingerprint = None
+        lineage["adapters"].append(file_sha256(Path(init.path) / "adapter_model.safetensors"))
     return {
         "zhtune_version": __version__,
         "base_model": recipe.model.path,
-        "base_fingerprint": base_fingerprint(recipe.model.path),
+        "base_fingerprint": fingerprint,
+        "base_lineage": lineage,
         "template": recipe.template.name,
         "data": [{"path": p, "sha256": file_sha256(Path(p))} for p in recipe.data.paths],
         "recipe": recipe_to_dict(recipe),
@@ -118,7 +131,7 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
 
     cfg = recipe.train
     out, resume = _prepare_output(recipe)
-    accelerator = Accelerator(mixed_precision=MIXED[recipe.model.dtype], cpu=not torch.cuda.is_available())
+    accelerator = _fresh_accelerator(Accelerator, MIXED[recipe.model.dtype])
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code)
@@ -160,6 +173,7 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     # SDPA takes a boolean block mask; flex attention builds its block-sparse mask from the position ids
     mask_dtype = {"sdpa": torch.bool, "flex_attention": None}.get(attn, torch.float32)
+    chunked = cfg.chunked_loss and cfg.fast_path
 
     step = load_checkpoint(resume, accelerator.unwrap_model(model), optimizer, scheduler) if resume else 0
     if main:
@@ -171,7 +185,9 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
         metrics.log(
             {
                 "step": 0,
-                "eval_loss": evaluate(model, accelerator, data.val_units, data, cfg.micro_batch_size, mask_dtype),
+                "eval_loss": evaluate(
+                    model, accelerator, data.val_units, data, cfg.micro_batch_size, mask_dtype, chunked
+                ),
             }
         )
     bar = tqdm(total=total_steps, initial=step, disable=not (main and cfg.progress_bar), desc="train", unit="step")
@@ -187,7 +203,7 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
             sync = contextlib.nullcontext() if j == len(mine) - 1 else accelerator.no_sync(model)
             with sync:
                 batch = collate(units, data.packed, data.pad_id, mask_dtype, accelerator.device)
-                ce = _forward_loss(model, batch, accelerator.device, cfg.chunked_loss and cfg.fast_path)
+                ce = _forward_loss(model, batch, accelerator.device, chunked)
                 # DDP averages gradients over ranks; scaling by world size makes the result sum / all tokens.
                 accelerator.backward(ce * accelerator.num_processes / max(n_tok, 1))
             loss_sum += ce.detach()
@@ -213,7 +229,9 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
         bar.update(1)
         if cfg.eval_every > 0 and data.val_units and (step % cfg.eval_every == 0 or step == total_steps):
-            last["eval_loss"] = evaluate(model, accelerator, data.val_units, data, cfg.micro_batch_size, mask_dtype)
+            last["eval_loss"] = evaluate(
+                model, accelerator, data.val_units, data, cfg.micro_batch_size, mask_dtype, chunked
+            )
             metrics.log({"step": step, "eval_loss": last["eval_loss"]})
         for evaluator in evaluators:
             if evaluator.every > 0 and (step % evaluator.every == 0 or step == total_steps):
@@ -228,10 +246,30 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     summary = {"steps": step, "last": last, "output": str(out), "best": best}
     if main:
         summary["adapter"] = str(_save_final_adapter(out, accelerator.unwrap_model(model), tokenizer, recipe))
-        summary["plot"] = str(plot_loss(out, title=f"{Path(recipe.model.path).name} · {recipe.template.name}"))
+        summary["plot"] = str(plot_loss(out, title=_plot_title(recipe, out)))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     return summary
+
+
+def _plot_title(recipe: Recipe, out: Path) -> str:
+    """``run 03-cgec/train · model 02-merge_instruct/model · template qwen``: which run, on which model, how."""
+
+    def last_two(path) -> str:
+        path = Path(path).resolve()
+        return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+    return f"run {last_two(out)} · model {last_two(recipe.model.path)} · template {recipe.template.name}"
+
+
+def _fresh_accelerator(accelerator_cls, mixed_precision: str):
+    """An ``Accelerator`` for this run. accelerate keeps its settings in a process-wide singleton and refuses another
+    mixed precision later in the same process (a pipeline's second stage in bf16 after one in fp32); the singleton is
+    cleared first, keeping the distributed state (``PartialState``) that torchrun set up."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return accelerator_cls(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def _run_evaluator(evaluator, accelerator, model, tokenizer, step, metrics, out, recipe, best) -> dict:

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -206,7 +205,7 @@ def _check_shapes(orig: OriginalCheckpoint, tmp: Path, expected: dict[str, list[
 
 
 def _write_tokenizer(src: Path, dst: Path, variant: str) -> str:
-    from zhtune.merge.merge import TOKENIZER_FILES
+    from zhtune.merge.side_files import TOKENIZER_FILES
 
     tok_config = src / "tokenizer_config.json"
     remote = tok_config.exists() and "auto_map" in json.loads(tok_config.read_text(encoding="utf-8"))
@@ -346,10 +345,11 @@ def _buffers(layout, config: dict, record: dict) -> dict:
     }
 
 
-def cache_root() -> Path:
-    """``$ZHTUNE_CACHE/converted`` or ``~/.cache/zhtune/converted``."""
-    base = os.environ.get("ZHTUNE_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "zhtune") / "converted"
+def converted_root() -> Path:
+    """Where conversions are cached: ``converted/`` under :func:`zhtune.paths.cache_root` (``$ZHTUNE_CACHE``)."""
+    from zhtune.paths import cache_root
+
+    return cache_root() / "converted"
 
 
 def content_fingerprint(path: Path) -> str:
@@ -392,7 +392,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not is_original_chatglm(path):
         return path
-    target = cache_root() / content_fingerprint(path)
+    target = converted_root() / content_fingerprint(path)
     if (target / "config.json").exists():
         return target
     with _locked(target.with_name(target.name + ".lock")):
