@@ -133,24 +133,44 @@ def convert(args: argparse.Namespace) -> int:
 
 def train(args: argparse.Namespace) -> int:
     """``zhtune train RECIPE.yaml [key=value ...]``: LoRA tuning as the recipe says."""
-    from pathlib import Path
-
     from zhtune.config import load_recipe
-    from zhtune.data.templates import RenderOptions, get_template
+    from zhtune.gec.train_eval import build_evaluators
     from zhtune.train.loop import train as run_training
 
     recipe = load_recipe(args.recipe, args.overrides)
-    evaluators = []
-    if recipe.eval.cgec is not None:
-        from zhtune.gec.train_eval import CgecEvaluator
-
-        options = RenderOptions(system=recipe.template.system, enable_thinking=recipe.template.enable_thinking)
-        evaluators.append(
-            CgecEvaluator(recipe.eval.cgec, get_template(recipe.template.name), Path(recipe.output.dir), options)
-        )
-    summary = run_training(recipe, evaluators)
+    summary = run_training(recipe, build_evaluators(recipe))
     if "adapter" in summary:
         print(f"adapter: {summary['adapter']}  (steps {summary['steps']}, last loss {summary['last'].get('loss')})")
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """``zhtune prepare RECIPE.yaml``: tokenize and pack the recipe's data into the cache (or find it there)."""
+    import json
+
+    from zhtune.config import load_recipe
+    from zhtune.data.cache import cache_dir, clean_cache, prepare_data
+    from zhtune.model.tokenizer import load_tokenizer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.clean:
+        removed, freed = clean_cache(recipe.data)
+        print(f"removed {removed} prepared data set(s) from {cache_dir(recipe.data)}, {freed / 2**20:.1f} MB freed")
+        return 0
+    prepared = prepare_data(
+        recipe, lambda: load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code)
+    )
+    if args.json:
+        counts = {k: v for k, v in prepared.layout_meta.items() if k not in ("train", "val")}
+        for split in ("train", "val"):
+            counts[split] = {k: v for k, v in prepared.layout_meta[split].items() if k != "summary"}
+        meta = {k: v for k, v in prepared.meta.items() if k not in ("inputs", "key")}
+        head = {"cache": str(prepared.layout_folder), "built": list(prepared.built), "seconds": prepared.seconds}
+        print(json.dumps({**head, "load": meta, **counts}, ensure_ascii=False))
+        return 0
+    print(prepared.describe())
+    for name, text in prepared.reports().items():
+        print(f"{name}: {text}")
     return 0
 
 
@@ -185,33 +205,43 @@ def correct(args: argparse.Namespace) -> int:
     """``zhtune correct``: batched greedy correction of a file, written as id<TAB>source<TAB>hypothesis."""
     from pathlib import Path
 
-    from zhtune.data.templates import get_template
-    from zhtune.gec.correct import correct_rows, read_inputs, write_para
-    from zhtune.infer.engine import Generator
-    from zhtune.model.load import load_for_inference, recorded_template
+    from zhtune.gec.correct import correct_rows, correction_settings, corrector, read_inputs, write_para
+    from zhtune.model.load import load_for_inference, recorded_settings
     from zhtune.model.tokenizer import load_tokenizer
 
     _refuse_overwrite(args.output, args.force)
-    name = args.template or recorded_template(args.model, args.adapter)
-    if not name:
-        raise ZhtuneError("no template recorded with this model or adapter; pass --template NAME")
+    settings = correction_settings(
+        recorded_settings(args.model, args.adapter), args.template, args.system, args.instruction
+    )
+    rows = read_inputs(args.input)
     tokenizer = load_tokenizer(
         args.adapter if args.adapter and (Path(args.adapter) / "tokenizer_config.json").exists() else args.model,
         args.trust_remote_code,
     )
     model = load_for_inference(args.model, args.adapter, args.dtype, args.trust_remote_code)
-    rows, stats = correct_rows(
-        Generator(model, tokenizer, get_template(name)),
-        read_inputs(args.input),
+    generator = corrector(model, tokenizer, settings, speculative=not args.no_speculative)
+    fixed, stats = correct_rows(
+        generator,
+        rows,
         args.batch_size,
+        settings.instruction,
         max_chars=args.max_chars,
+        fallback=not args.no_fallback,
     )
-    write_para(rows, args.output)
+    write_para(fixed, args.output)
     fallbacks = {k: v for k, v in stats.items() if k not in ("sentences", "pieces")}
+    verb = "counted (kept as written, --no-fallback)" if args.no_fallback else "fell back to the source"
     print(
         f"corrected {stats['sentences']} sentences ({stats['pieces']} pieces) -> {args.output}; "
-        f"fell back to the source: {dict(fallbacks) or 'none'}"
+        f"{verb}: {dict(fallbacks) or 'none'}"
     )
+    speed = generator.stats.as_dict()
+    mode = "plain greedy" if args.no_speculative else "speculative"
+    print(
+        f"{stats['sentences'] / max(speed['seconds'], 1e-9):.2f} sentences/s, {speed['tokens_per_s']} tokens/s, "
+        f"mean accepted length {speed['mean_accepted_length']} ({mode}; template {settings.template})"
+    )
+    generator.close()
     return 0
 
 
@@ -420,6 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=train)
 
+    p = sub.add_parser("prepare", help="tokenize and pack a recipe's data once into the cache that train maps")
+    p.add_argument("recipe", help="recipe YAML (the data, template, tokenize and model.tokenizer sections count)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for train")
+    p.add_argument("--clean", action="store_true", help="remove every prepared data set in the cache folder and exit")
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+    p.set_defaults(func=prepare)
+
     p = sub.add_parser("merge", help="fold LoRA adapters into the base weights, shard by shard, and verify")
     p.add_argument("--base", required=True, help="base checkpoint folder (safetensors)")
     p.add_argument("--adapter", required=True, action="append", help="adapter folder; repeat to apply in order")
@@ -467,8 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="hypothesis para file to write")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--template", default=None, help="chat template (default: the one recorded at training)")
+    p.add_argument("--system", default=None, help="system prompt (default: the one recorded at training)")
+    p.add_argument("--instruction", default=None, help="instruction before each sentence (default: the recorded one)")
     p.add_argument("--max-chars", type=int, default=128, help="split longer inputs at sentence ends")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on GPU")
+    p.add_argument("--no-speculative", action="store_true", help="plain greedy decoding, no input-copy drafts")
+    p.add_argument("--no-fallback", action="store_true", help="write the model's first line even when it is bad")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--force", action="store_true", help="overwrite --output")
     p.set_defaults(func=correct)

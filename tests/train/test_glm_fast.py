@@ -275,9 +275,15 @@ def test_triton_kernels_under_the_interpreter():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("factor", [0.5, 1.0])
 def test_compiled_kernels_equal_transformers_on_gpu(dtype, factor):
+    """On the GPU Triton contracts a product and a sum into one fused multiply-add (one rounding where torch rounds
+    twice), so the kernels agree with transformers to a few units in the last place, not bit for bit (seen on the
+    H200: 2.6e-5 in fp32, one bf16 step); the mutations the CPU tests reject differ by O(1)."""
     inputs = _rope_inputs(dtype, factor, device="cuda")
     assert gk._use_triton(inputs[0])
-    _assert_same(_run_rope(gk.fused_rope, *inputs), _run_rope(_plain_rope(), *inputs), dtype)
+    for a, b in zip(_run_rope(gk.fused_rope, *inputs), _run_rope(_plain_rope(), *inputs)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        fp32 = dtype == torch.float32
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5 if fp32 else 2**-6, atol=1e-4 if fp32 else 2**-7)
     got = _mlp_case_cuda(dtype, gk._fused_mlp_forward)
     want = _mlp_case_cuda(dtype)
     for a, b in zip(got, want):  # silu's exp may differ in its last bit from torch's: one bf16 step at most

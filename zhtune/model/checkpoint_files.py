@@ -93,7 +93,7 @@ def tensor_digests(path: Path) -> dict[str, str]:
             f.seek(start + begin)
             remaining = end - begin
             while remaining:
-                block = f.read(min(remaining, 1 << 24))
+                block = f.read(min(remaining, 1 << 20))
                 if not block:
                     raise ConfigError(f"{path}: tensor {name} is cut short (the file is truncated)")
                 h.update(block)

@@ -36,10 +36,17 @@ class Correction:
 
 
 class _CountingEngine:
-    """Passes ``generate`` calls to the engine and counts them."""
+    """The generator, with its batch calls (``complete``, ``generate``) counted."""
 
     def __init__(self, engine):
         self.engine, self.calls = engine, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def complete(self, *args, **kwargs):
+        self.calls += 1
+        return self.engine.complete(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         self.calls += 1
