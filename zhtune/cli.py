@@ -70,7 +70,9 @@ def merge(args: argparse.Namespace) -> int:
 
     from zhtune.merge.merge import merge_adapters, write_report
     from zhtune.merge.verify import verify_merge
+    from zhtune.model.convert import resolve_checkpoint
 
+    args.base = str(resolve_checkpoint(args.base))  # an original ChatGLM folder: its (cached) conversion
     result = merge_adapters(
         args.base, args.adapter, args.out, args.dtype, args.allow_base_mismatch, args.trust_remote_code
     )
@@ -94,6 +96,38 @@ def merge(args: argparse.Namespace) -> int:
     if report["passed"] is False:
         failed = [c["check"] for c in report["checks"] if not c["passed"]]
         raise ZhtuneError(f"merge verification failed: {', '.join(failed)} (see {result.out}/merge_report.json)")
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    """``zhtune convert``: an original ChatGLM checkpoint (or adapter) to the native layout; ``--to chatglm`` back."""
+    from zhtune.model.convert import convert_checkpoint, convert_to_original
+
+    if args.adapter:
+        from zhtune.model.convert.adapters import convert_adapter
+
+        if not args.base or args.src:
+            raise ZhtuneError(
+                "convert --adapter ADAPTER needs --base ORIGINAL (the checkpoint it was trained on), no SRC"
+            )
+        s = convert_adapter(args.adapter, args.base, args.out)
+        print(
+            f"converted {args.variant or s['variant']} adapter {args.adapter} -> {args.out}: {s['tensors_in']} -> "
+            f"{s['tensors_out']} tensors, target_modules {', '.join(s['target_modules'])}"
+        )
+        return 0
+    if not args.src:
+        raise ZhtuneError("give SRC (a checkpoint folder), or --adapter ADAPTER --base ORIGINAL")
+    if args.to == "chatglm":
+        s = convert_to_original(args.src, args.out, args.original)
+        copied = ", ".join(s["side_files"]) or "none: copy the original code and tokenizer files beside it"
+        print(f"wrote the original {s['variant']} layout to {args.out} ({s['shards']} shard(s)); side files: {copied}")
+        return 0
+    s = convert_checkpoint(args.src, args.out, args.variant)
+    print(
+        f"converted {s['variant']} -> {args.out}: model_type {s['model_type']} ({s['rope']}), {s['shards']} "
+        f"shard(s), tokenizer {s['tokenizer']}"
+    )
     return 0
 
 
@@ -432,6 +466,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-base-mismatch", action="store_true", help="merge onto a base with another fingerprint")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped in the checkpoint")
     p.set_defaults(func=merge)
+
+    p = sub.add_parser(
+        "convert", help="original ChatGLM-6B/2/3, GLM-4-9B-chat checkpoints (or their LoRA adapters) to native layouts"
+    )
+    p.add_argument("src", nargs="?", help="checkpoint folder to convert (original, or native with --to chatglm)")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument(
+        "--variant",
+        choices=["chatglm", "chatglm2", "chatglm3", "glm4"],
+        default=None,
+        help="the release, when the folder cannot tell (ChatGLM2 vs ChatGLM3 without their code files)",
+    )
+    p.add_argument(
+        "--to",
+        choices=["native", "chatglm"],
+        default="native",
+        help="native (default): no remote code; chatglm: back to the original layout",
+    )
+    p.add_argument("--original", default=None, help="with --to chatglm: original folder to copy code/tokenizer from")
+    p.add_argument("--adapter", default=None, help="convert this peft adapter (trained on the original) instead")
+    p.add_argument("--base", default=None, help="with --adapter: the original checkpoint the adapter was trained on")
+    p.set_defaults(func=convert)
 
     p = sub.add_parser("score", help="CGEC score: ChERRANT char-level P/R/F0.5, per-type, over-correction")
     p.add_argument("--hyp", required=True, help="hypothesis para file: id<TAB>source<TAB>hypothesis")

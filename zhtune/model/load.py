@@ -27,14 +27,17 @@ ADAPTER_META = "zhtune_adapter.json"
 
 
 def load_base_model(config: ModelConfig):
-    """Load the base model from a local folder.
+    """Load the base model from a local folder (an original ChatGLM folder is converted once, see
+    :func:`zhtune.model.convert.resolve_checkpoint`).
 
     Raises:
         ConfigError: missing folder or a checkpoint transformers cannot load.
     """
     from transformers import AutoModelForCausalLM
 
-    path = Path(config.path)
+    from zhtune.model.convert import resolve_checkpoint
+
+    path = resolve_checkpoint(config.path)
     if not (path / "config.json").exists():
         raise ConfigError(f"model.path {path} is not a checkpoint folder (no config.json)")
     extra = {}
