@@ -70,9 +70,7 @@ def merge(args: argparse.Namespace) -> int:
 
     from zhtune.merge.merge import merge_adapters, write_report
     from zhtune.merge.verify import verify_merge
-    from zhtune.model.convert import resolve_checkpoint
 
-    args.base = str(resolve_checkpoint(args.base))  # an original ChatGLM folder: its (cached) conversion
     result = merge_adapters(
         args.base, args.adapter, args.out, args.dtype, args.allow_base_mismatch, args.trust_remote_code
     )

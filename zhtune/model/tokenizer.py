@@ -7,6 +7,20 @@ from pathlib import Path
 
 from zhtune.errors import ConfigError
 
+# The files a tokenizer may be saved as (any of them may be absent); merge and conversion copy these.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "ice_text.model",
+)
+
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """Load the tokenizer saved in the directory ``path``.

@@ -34,6 +34,7 @@ from zhtune.model.convert.shards import (
     write_index,
     write_shard,
 )
+from zhtune.model.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 VARIANTS = ("chatglm", "chatglm2", "chatglm3", "glm4")
@@ -205,8 +206,6 @@ def _check_shapes(orig: OriginalCheckpoint, tmp: Path, expected: dict[str, list[
 
 
 def _write_tokenizer(src: Path, dst: Path, variant: str) -> str:
-    from zhtune.merge.side_files import TOKENIZER_FILES
-
     tok_config = src / "tokenizer_config.json"
     remote = tok_config.exists() and "auto_map" in json.loads(tok_config.read_text(encoding="utf-8"))
     if (src / "tokenizer.json").exists() and not remote:

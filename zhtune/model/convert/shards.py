@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from zhtune.errors import ConfigError
+from zhtune.model.safetensors_io import SAFETENSORS_DTYPES, write_safetensors
 
 ST_INDEX, BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
 
@@ -95,8 +96,6 @@ class ShardReader:
     def dtype(self, name: str) -> torch.dtype:
         if self._state is not None:
             return self._state[name].dtype
-        from zhtune.merge.merge import SAFETENSORS_DTYPES
-
         return SAFETENSORS_DTYPES[self._handle.get_slice(name).get_dtype()]
 
     def get(self, name: str) -> torch.Tensor:
@@ -138,8 +137,6 @@ def write_shard(path: Path, pieces: list, fetch, dtype_of) -> None:
     piece only when it is written. ``fetch(name)`` returns a source tensor and ``dtype_of(name)`` its dtype; every
     piece keeps the dtype of its first source.
     """
-    from zhtune.merge.merge import write_safetensors  # the streaming writer merge uses
-
     by_name = {p.name: p for p in pieces}
 
     def produce(name, _dtype):
