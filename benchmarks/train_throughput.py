@@ -3,8 +3,10 @@
 Data: the real length distribution of alpaca_zh_demo.json + BELLE dev1K.json tokenized with the real Qwen2.5
 tokenizer and the qwen template (``--lengths``, a JSON file of ``[tokens, supervised tokens]`` per sample, made from
 ../shared by ``python benchmarks/train_throughput.py --make-lengths``); token ids are random (content does not change
-speed). Model: randomly initialised Qwen2.5 of the real shape (``--shape 0.5b|7b``), bf16, LoRA r=16 on all linear
-layers.
+speed). Model: randomly initialised, of a real shape (``--shape``: Qwen2.5 ``0.5b``/``7b``; transformers' native ``glm``
+of GLM-4-9B ``glm4-9b`` and ChatGLM3-6B ``chatglm3-6b``, the layout ``zhtune convert`` writes; ``tiny``/``glm-tiny``
+for a CPU smoke run), bf16, LoRA r=16 on all linear layers. A comma-separated ``--shape`` runs each shape in turn in
+this one process (e.g. ``7b,glm4-9b``: the glm kernels' MFU next to the Qwen2.5-7B one, measured on the same GPU).
 
 Stacks, all in this one process on the same GPU (``--configs``, ``stack:size:ckpt[:option]``):
 
@@ -13,18 +15,22 @@ Stacks, all in this one process on the same GPU (``--configs``, ``stack:size:ckp
 * ``trl``: TRL's ``SFTTrainer`` with ``use_liger_kernel`` (liger's layer kernels and TRL's fused LM head), the same
   LoRA, completion-only loss, padded batches (its packing is only correct with flash attention, not installed);
   option ``grouped`` = length-grouped sampling.
-* ``zhtune-base``: packed rows + chunked loss without the kernels (the earlier fast path); ``zhtune``: the fast path of
-  ``zhtune train`` (``zhtune.train.fast``); ``qlora``: the same on an NF4 base loaded by ``zhtune.model.load``;
+* ``zhtune-base``: packed rows + chunked loss without the kernels (the earlier fast path); ``zhtune-lora``: that plus
+  the fused LoRA layers, transformers' own RMSNorm/SwiGLU/RoPE (for ``glm``, the fast path before its kernels);
+  ``zhtune``: the fast path of ``zhtune train`` (``zhtune.train.fast``); ``qlora``: the same on an NF4 base loaded by
+  ``zhtune.model.load``;
   size = ``ROW_LENxROWS``; option ``flex`` = flex attention (what ``model.attn_implementation: auto`` picks on CUDA),
   ``flex+compile`` = also ``torch.compile`` on every decoder layer.
 * ``ckpt``: gradient checkpointing on all layers, ``nockpt`` off, ``ckptF`` on the first F of the layers.
 
 Reported per configuration: effective (non-pad) tokens/s and per step, MFU (model FLOPs = forward + input-gradient
 matmuls + causal attention, recomputation not counted, over 790 TFLOP/s), peak memory; then the best of each stack and
-the ratios, and a loss-parity run (same samples per step, plain vs fast, bf16, 50 steps). The plain stack (and the
-plain parity curve) runs first, before liger patches anything in this process; zhtune's liger patch leaves the modeling
-module's classes plain (``zhtune.train.fast.scoped_module_patch``) and TRL applies its own.
-Results go to ``benchmarks/results/train_throughput-<shape>.json`` (or ``--out``).
+the ratios, and a loss-parity run (same samples per step, plain vs fast, bf16, ``--parity-steps``; ``parity_ok``: every
+step within 1e-3 relative). The plain stack (and the plain parity curve) of a shape runs first, before liger patches
+anything in this process; zhtune's liger patch leaves the modeling module's classes plain
+(``zhtune.train.fast.scoped_module_patch``), the glm kernels patch one instance only, and TRL applies its own. With
+several shapes, ``mfu_vs_first_shape`` compares each shape's best ``zhtune`` MFU with the first shape's.
+Results go to ``benchmarks/results/train_throughput-<shape>[+<shape>...].json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -33,14 +39,17 @@ import argparse
 import gc
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 PEAK_TFLOPS = 790.0
+# Each shape: its architecture and the config fields (random weights; the rotary base does not change the work).
 SHAPES = {
     "tiny": dict(
+        arch="qwen2",
         vocab_size=151936,  # the real vocabulary: TRL pads with the real tokenizer's id
         hidden_size=64,
         intermediate_size=128,
@@ -50,6 +59,7 @@ SHAPES = {
         tie_word_embeddings=True,
     ),
     "0.5b": dict(
+        arch="qwen2",
         vocab_size=151936,
         hidden_size=896,
         intermediate_size=4864,
@@ -59,6 +69,7 @@ SHAPES = {
         tie_word_embeddings=True,
     ),
     "7b": dict(
+        arch="qwen2",
         vocab_size=152064,
         hidden_size=3584,
         intermediate_size=18944,
@@ -68,6 +79,7 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
     "14b": dict(
+        arch="qwen2",
         vocab_size=152064,
         hidden_size=5120,
         intermediate_size=13824,
@@ -77,6 +89,7 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
     "32b": dict(
+        arch="qwen2",
         vocab_size=152064,
         hidden_size=5120,
         intermediate_size=27648,
@@ -85,8 +98,59 @@ SHAPES = {
         num_key_value_heads=8,
         tie_word_embeddings=False,
     ),
+    # GLM-4-9B-chat's config.json as native glm: padded_vocab_size, ffn_hidden_size, multi_query_group_num, kv_channels
+    "glm4-9b": dict(
+        arch="glm",
+        vocab_size=151552,
+        hidden_size=4096,
+        intermediate_size=13696,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        attention_bias=True,
+        rms_norm_eps=1.5625e-07,
+        tie_word_embeddings=False,
+    ),
+    "chatglm3-6b": dict(
+        arch="glm",
+        vocab_size=65024,
+        hidden_size=4096,
+        intermediate_size=13696,
+        num_hidden_layers=28,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        attention_bias=True,
+        rms_norm_eps=1e-05,
+        tie_word_embeddings=False,
+    ),
+    "glm-tiny": dict(
+        arch="glm",
+        vocab_size=65024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        attention_bias=True,
+        tie_word_embeddings=False,
+    ),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = {
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "glm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+def shape_config(shape: str) -> dict:
+    """The config fields of ``shape`` (without its architecture)."""
+    return {k: v for k, v in SHAPES[shape].items() if k != "arch"}
+
+
+def targets(shape: str) -> list[str]:
+    return TARGETS[SHAPES[shape]["arch"]]
 
 
 def make_lengths(out: Path) -> None:
@@ -109,11 +173,14 @@ def make_lengths(out: Path) -> None:
 
 
 def base_model(shape: str, device: str, attn: str = "sdpa"):
-    """A randomly initialised Qwen2.5 of the shape, bf16, seed 0 (every stack starts from the same weights)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    """A randomly initialised model of the shape, bf16, seed 0 (every stack starts from the same weights)."""
+    from transformers import AutoModelForCausalLM, GlmConfig, Qwen2Config
 
     torch.manual_seed(0)
-    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6)
+    if SHAPES[shape]["arch"] == "glm":
+        config = GlmConfig(**shape_config(shape), max_position_embeddings=32768, pad_token_id=0)
+    else:
+        config = Qwen2Config(**shape_config(shape), max_position_embeddings=32768, rope_theta=1e6)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn)
 
@@ -125,7 +192,8 @@ def build(shape: str, device: str, attn: str = "sdpa"):
     from zhtune.model.load import upcast_trainable
 
     model = get_peft_model(
-        base_model(shape, device, attn), LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+        base_model(shape, device, attn),
+        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets(shape)),
     )
     upcast_trainable(model)
     return model
@@ -135,9 +203,10 @@ def model_flops_per_token(shape: str, seq_len: float) -> float:
     """Forward + input-gradient matmul FLOPs per token (4 * linear params) plus causal attention (3x its forward)."""
     s = SHAPES[shape]
     h, layers, inter = s["hidden_size"], s["num_hidden_layers"], s["intermediate_size"]
-    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
-    linear = layers * (h * h * 2 + h * kv * 2 + 3 * h * inter) + h * s["vocab_size"]
-    attention_fwd = layers * 2 * seq_len * h  # QK^T and AV, causal: half of 2 * 2 * seq * h
+    head_dim = s.get("head_dim", h // s["num_attention_heads"])
+    q, kv = head_dim * s["num_attention_heads"], head_dim * s["num_key_value_heads"]
+    linear = layers * (h * q * 2 + h * kv * 2 + 3 * h * inter) + h * s["vocab_size"]
+    attention_fwd = layers * 2 * seq_len * q  # QK^T and AV, causal: half of 2 * 2 * seq * heads * head_dim
     return 4 * linear + 3 * attention_fwd
 
 
@@ -279,7 +348,7 @@ def run_trl(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets(shape))
     trainer = Timed(
         model=model,
         args=args,
@@ -380,7 +449,8 @@ def _parse(spec: str) -> dict:
     }
 
 
-ORDER = {"plain": 0, "zhtune-base": 1, "zhtune": 2, "qlora": 3, "trl": 4}
+ORDER = {"plain": 0, "zhtune-base": 1, "zhtune-lora": 2, "zhtune": 3, "qlora": 4, "trl": 5}
+ZHTUNE_STACKS = ("zhtune-base", "zhtune-lora", "zhtune")
 
 
 def _qlora_model(shape: str):
@@ -394,14 +464,14 @@ def _qlora_model(shape: str):
     base_model(shape, "cuda").save_pretrained(folder)
     _free("cuda")
     model = load_base_model(ModelConfig(path=str(folder), quantization="4bit"))
-    model = attach_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=tuple(TARGETS)), False)
+    model = attach_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=tuple(targets(shape))), False)
     upcast_trainable(model)
     return model  # checkpointing is set by the caller, as for every zhtune configuration
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    parser.add_argument("--shape", default="7b", help=f"one of {sorted(SHAPES)}, or several separated by commas")
     parser.add_argument("--lengths", default=".carry/lengths.json")
     parser.add_argument("--make-lengths", action="store_true")
     parser.add_argument("--steps", type=int, default=10)
@@ -417,17 +487,49 @@ def main() -> None:
     if args.make_lengths:
         make_lengths(Path(args.lengths))
         return
-    from zhtune.train.fast import apply_fast_path
+    shapes = args.shape.split(",")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape {unknown[0]!r}; known: {', '.join(sorted(SHAPES))}")
+    lengths = json.loads(Path(args.lengths).read_text())["lengths"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    per_shape = {shape: run_shape(shape, args, lengths, device) for shape in shapes}
+    if len(shapes) == 1:
+        results = per_shape[shapes[0]]
+    else:
+        results = {"card": per_shape[shapes[0]]["card"], "torch": torch.__version__, "shapes": per_shape}
+        first = _best_zhtune_mfu(per_shape[shapes[0]])
+        results["mfu_vs_first_shape"] = {
+            shape: round(_best_zhtune_mfu(r) / first, 3) if first and _best_zhtune_mfu(r) else None
+            for shape, r in per_shape.items()
+        }
+        results["mfu_within_10_percent_of_first_shape"] = {
+            shape: ratio is not None and ratio >= 0.9 for shape, ratio in results["mfu_vs_first_shape"].items()
+        }
+    results["command"] = "python " + " ".join(sys.argv)
+    print(json.dumps({k: v for k, v in results.items() if k != "shapes"}, indent=1))
+    name = "+".join(shapes)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"train_throughput-{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def _best_zhtune_mfu(results: dict) -> float | None:
+    best = results.get("best_zhtune")
+    return results["configs"][best]["mfu"] if best else None
+
+
+def run_shape(shape: str, args, lengths, device: str) -> dict:
+    """Every configuration of ``args.configs`` on ``shape``, then the loss-parity run; the shape's results."""
+    from zhtune.train.fast import FastPathReport, apply_fast_path, apply_layer_kernels
     from zhtune.train.loop import disable_lora_input_casting
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    lengths = json.loads(Path(args.lengths).read_text())["lengths"]
-    samples = samples_from(lengths, SHAPES[args.shape]["vocab_size"])
+    samples = samples_from(lengths, SHAPES[shape]["vocab_size"])
     mean_len = sum(n for n, _ in lengths) / len(lengths)
-    flops = model_flops_per_token(args.shape, mean_len)
+    flops = model_flops_per_token(shape, mean_len)
     results = {
         "card": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "shape": args.shape,
+        "shape": shape,
         "torch": torch.__version__,
         "mean_sample_tokens": round(mean_len, 1),
         "configs": {},
@@ -435,18 +537,24 @@ def main() -> None:
     specs = sorted(args.configs.split(","), key=lambda spec: ORDER[_parse(spec)["stack"]])
     parity = {}
     if args.parity_steps:  # the plain curve first, before any kernel patches exist in this process
-        parity = loss_parity(args.shape, samples, args.parity_steps, 8, device, modes=("plain",))
+        parity = loss_parity(shape, samples, args.parity_steps, 8, device, modes=("plain",))
     model, state = None, None
     for spec in specs:
         c = _parse(spec)
         try:
-            if c["stack"] in ("plain", "zhtune-base", "zhtune") and model is None:
-                model, state = build(args.shape, device), "plain"
-            if c["stack"] in ("zhtune-base", "zhtune") and state == "plain":
+            if c["stack"] in ("plain", *ZHTUNE_STACKS) and model is None:
+                model, state = build(shape, device), "plain"
+            if c["stack"] in ZHTUNE_STACKS and state == "plain":
                 disable_lora_input_casting(model)
                 state = "base"
-            if c["stack"] == "zhtune" and state == "base":
-                results["fast_path"] = apply_fast_path(model).applied
+            if c["stack"] in ("zhtune-lora", "zhtune") and state == "base":
+                results["fast_path_without_layer_kernels"] = apply_fast_path(model, layer_kernels=False).applied
+                state = "lora"
+            if c["stack"] == "zhtune" and state == "lora":
+                report = FastPathReport()
+                apply_layer_kernels(model, report)
+                results["fast_path"] = results["fast_path_without_layer_kernels"] + report.applied
+                results["fast_path_skipped"] = report.skipped
                 state = "fast"
             if c["stack"] in ("qlora", "trl") and model is not None:
                 del model
@@ -454,7 +562,7 @@ def main() -> None:
                 _free(device)
             if c["stack"] == "trl":
                 tps, peak, per_step = run_trl(
-                    args.shape,
+                    shape,
                     samples,
                     int(c["size"]),
                     args.steps,
@@ -472,7 +580,7 @@ def main() -> None:
                 static = None
             else:
                 if c["stack"] == "qlora":
-                    model = _qlora_model(args.shape)
+                    model = _qlora_model(shape)
                     results["qlora_fast_path"] = apply_fast_path(model).applied
                 attn = "flex_attention" if "flex" in c["option"] else "sdpa"
                 model.set_attn_implementation(attn)
@@ -503,30 +611,38 @@ def main() -> None:
         except torch.OutOfMemoryError:
             results["configs"][spec] = {"oom": True}
         _free(device)
-        print(spec, results["configs"][spec], flush=True)
+        print(shape, spec, results["configs"][spec], flush=True)
     del model
     _free(device)
+    _summarise(results)
+    if args.parity_steps:
+        parity |= loss_parity(shape, samples, args.parity_steps, 8, device, modes=("fast",))
+        rel = [abs(a - b) / abs(a) for a, b in zip(parity["plain"], parity["fast"])]
+        results["loss_parity"] = {
+            "steps": args.parity_steps,
+            "max_relative_difference": max(rel),
+            "max_abs_difference": max(abs(a - b) for a, b in zip(parity["plain"], parity["fast"])),
+            "parity_ok": max(rel) < 1e-3,
+            **parity,
+        }
+        print(shape, "parity max rel diff", max(rel), flush=True)
+    return results
+
+
+def _summarise(results: dict) -> None:
+    """Best configuration of each stack and the ratios between them (in place)."""
     ok = {k: v for k, v in results["configs"].items() if "tokens_per_s" in v}
-    for stack in ("plain", "trl", "zhtune"):
+    for stack in ("plain", "trl", "zhtune-lora", "zhtune"):
         best = max(((v["tokens_per_s"], k) for k, v in ok.items() if _parse(k)["stack"] == stack), default=None)
         if best:
             results[f"best_{stack}"] = best[1]
     zh = ok.get(results.get("best_zhtune"), {}).get("tokens_per_s")
-    for stack in ("plain", "trl"):
+    for stack in ("plain", "trl", "zhtune-lora"):
         if zh and results.get(f"best_{stack}"):
             results[f"zhtune_over_{stack}"] = round(zh / ok[results[f"best_{stack}"]]["tokens_per_s"], 3)
     plain_ck = max((v["tokens_per_s"] for k, v in ok.items() if k.startswith("plain") and _parse(k)["ckpt"]), default=0)
     if zh and plain_ck:
         results["zhtune_over_plain_with_checkpointing"] = round(zh / plain_ck, 3)
-    if args.parity_steps:
-        parity |= loss_parity(args.shape, samples, args.parity_steps, 8, device, modes=("fast",))
-        rel = [abs(a - b) / abs(a) for a, b in zip(parity["plain"], parity["fast"])]
-        results["loss_parity"] = {"steps": args.parity_steps, "max_relative_difference": max(rel), **parity}
-        print("parity max rel diff", max(rel), flush=True)
-    print(json.dumps({k: v for k, v in results.items() if k != "loss_parity"}, indent=1))
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"train_throughput-{args.shape}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -97,26 +97,78 @@ def merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    """``zhtune convert``: an original ChatGLM checkpoint (or adapter) to the native layout; ``--to chatglm`` back."""
+    from zhtune.model.convert import convert_checkpoint, convert_to_original
+
+    if args.adapter:
+        from zhtune.model.convert.adapters import convert_adapter
+
+        if not args.base or args.src:
+            raise ZhtuneError(
+                "convert --adapter ADAPTER needs --base ORIGINAL (the checkpoint it was trained on), no SRC"
+            )
+        s = convert_adapter(args.adapter, args.base, args.out)
+        print(
+            f"converted {args.variant or s['variant']} adapter {args.adapter} -> {args.out}: {s['tensors_in']} -> "
+            f"{s['tensors_out']} tensors, target_modules {', '.join(s['target_modules'])}"
+        )
+        return 0
+    if not args.src:
+        raise ZhtuneError("give SRC (a checkpoint folder), or --adapter ADAPTER --base ORIGINAL")
+    if args.to == "chatglm":
+        s = convert_to_original(args.src, args.out, args.original)
+        copied = ", ".join(s["side_files"]) or "none: copy the original code and tokenizer files beside it"
+        print(f"wrote the original {s['variant']} layout to {args.out} ({s['shards']} shard(s)); side files: {copied}")
+        return 0
+    s = convert_checkpoint(args.src, args.out, args.variant)
+    print(
+        f"converted {s['variant']} -> {args.out}: model_type {s['model_type']} ({s['rope']}), {s['shards']} "
+        f"shard(s), tokenizer {s['tokenizer']}"
+    )
+    return 0
+
+
 def train(args: argparse.Namespace) -> int:
     """``zhtune train RECIPE.yaml [key=value ...]``: LoRA tuning as the recipe says."""
-    from pathlib import Path
-
     from zhtune.config import load_recipe
-    from zhtune.data.templates import RenderOptions, get_template
+    from zhtune.gec.train_eval import build_evaluators
     from zhtune.train.loop import train as run_training
 
     recipe = load_recipe(args.recipe, args.overrides)
-    evaluators = []
-    if recipe.eval.cgec is not None:
-        from zhtune.gec.train_eval import CgecEvaluator
-
-        options = RenderOptions(system=recipe.template.system, enable_thinking=recipe.template.enable_thinking)
-        evaluators.append(
-            CgecEvaluator(recipe.eval.cgec, get_template(recipe.template.name), Path(recipe.output.dir), options)
-        )
-    summary = run_training(recipe, evaluators)
+    summary = run_training(recipe, build_evaluators(recipe))
     if "adapter" in summary:
         print(f"adapter: {summary['adapter']}  (steps {summary['steps']}, last loss {summary['last'].get('loss')})")
+    return 0
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """``zhtune prepare RECIPE.yaml``: tokenize and pack the recipe's data into the cache (or find it there)."""
+    import json
+
+    from zhtune.config import load_recipe
+    from zhtune.data.cache import cache_dir, clean_cache, prepare_data
+    from zhtune.model.tokenizer import load_tokenizer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.clean:
+        removed, freed = clean_cache(recipe.data)
+        print(f"removed {removed} prepared data set(s) from {cache_dir(recipe.data)}, {freed / 2**20:.1f} MB freed")
+        return 0
+    prepared = prepare_data(
+        recipe, lambda: load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code)
+    )
+    if args.json:
+        counts = {k: v for k, v in prepared.layout_meta.items() if k not in ("train", "val")}
+        for split in ("train", "val"):
+            counts[split] = {k: v for k, v in prepared.layout_meta[split].items() if k != "summary"}
+        meta = {k: v for k, v in prepared.meta.items() if k not in ("inputs", "key")}
+        head = {"cache": str(prepared.layout_folder), "built": list(prepared.built), "seconds": prepared.seconds}
+        print(json.dumps({**head, "load": meta, **counts}, ensure_ascii=False))
+        return 0
+    print(prepared.describe())
+    for name, text in prepared.reports().items():
+        print(f"{name}: {text}")
     return 0
 
 
@@ -151,33 +203,43 @@ def correct(args: argparse.Namespace) -> int:
     """``zhtune correct``: batched greedy correction of a file, written as id<TAB>source<TAB>hypothesis."""
     from pathlib import Path
 
-    from zhtune.data.templates import get_template
-    from zhtune.gec.correct import correct_rows, read_inputs, write_para
-    from zhtune.infer.engine import Generator
-    from zhtune.model.load import load_for_inference, recorded_template
+    from zhtune.gec.correct import correct_rows, correction_settings, corrector, read_inputs, write_para
+    from zhtune.model.load import load_for_inference, recorded_settings
     from zhtune.model.tokenizer import load_tokenizer
 
     _refuse_overwrite(args.output, args.force)
-    name = args.template or recorded_template(args.model, args.adapter)
-    if not name:
-        raise ZhtuneError("no template recorded with this model or adapter; pass --template NAME")
+    settings = correction_settings(
+        recorded_settings(args.model, args.adapter), args.template, args.system, args.instruction
+    )
+    rows = read_inputs(args.input)
     tokenizer = load_tokenizer(
         args.adapter if args.adapter and (Path(args.adapter) / "tokenizer_config.json").exists() else args.model,
         args.trust_remote_code,
     )
     model = load_for_inference(args.model, args.adapter, args.dtype, args.trust_remote_code)
-    rows, stats = correct_rows(
-        Generator(model, tokenizer, get_template(name)),
-        read_inputs(args.input),
+    generator = corrector(model, tokenizer, settings, speculative=not args.no_speculative)
+    fixed, stats = correct_rows(
+        generator,
+        rows,
         args.batch_size,
+        settings.instruction,
         max_chars=args.max_chars,
+        fallback=not args.no_fallback,
     )
-    write_para(rows, args.output)
+    write_para(fixed, args.output)
     fallbacks = {k: v for k, v in stats.items() if k not in ("sentences", "pieces")}
+    verb = "counted (kept as written, --no-fallback)" if args.no_fallback else "fell back to the source"
     print(
         f"corrected {stats['sentences']} sentences ({stats['pieces']} pieces) -> {args.output}; "
-        f"fell back to the source: {dict(fallbacks) or 'none'}"
+        f"{verb}: {dict(fallbacks) or 'none'}"
     )
+    speed = generator.stats.as_dict()
+    mode = "plain greedy" if args.no_speculative else "speculative"
+    print(
+        f"{stats['sentences'] / max(speed['seconds'], 1e-9):.2f} sentences/s, {speed['tokens_per_s']} tokens/s, "
+        f"mean accepted length {speed['mean_accepted_length']} ({mode}; template {settings.template})"
+    )
+    generator.close()
     return 0
 
 
@@ -274,6 +336,72 @@ def cgec_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serving_backend(args: argparse.Namespace, model: str | None = None, adapter: str | None = None):
+    """The backend ``chat``, ``serve`` and ``webui`` load from their common flags."""
+    from zhtune.serve.backend import load_backend
+
+    return load_backend(
+        model or args.model,
+        adapter,
+        args.template,
+        args.dtype,
+        args.trust_remote_code,
+        name=getattr(args, "model_name", None),
+    )
+
+
+def chat(args: argparse.Namespace) -> int:
+    """``zhtune chat``: a terminal chat, streamed, with history; ``--compare BASE`` answers from both models."""
+    from zhtune.serve.chat import Participant, chat_loop
+    from zhtune.serve.generation import SamplingParams
+
+    tuned = _serving_backend(args, args.model, args.adapter)
+    participants = [Participant("tuned" if args.compare else tuned.name, tuned)]
+    if args.compare:
+        participants.append(Participant("base", _serving_backend(args, args.compare)))
+    defaults = tuned.default_sampling
+    params = SamplingParams(
+        temperature=defaults.temperature if args.temperature is None else args.temperature,
+        top_p=defaults.top_p if args.top_p is None else args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
+    return chat_loop(participants, params, system=args.system)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``zhtune serve``: the OpenAI-compatible API with /v1/corrections (FastAPI + uvicorn)."""
+    try:
+        from zhtune.serve.api import ServeLimits
+        from zhtune.serve.api import serve as run_server
+    except ImportError as exc:
+        raise ZhtuneError(f"zhtune serve needs FastAPI and uvicorn ({exc}): pip install 'zhtune[serve]'") from None
+    backend = _serving_backend(args, args.model, args.adapter)
+    limits = ServeLimits(max_tokens=args.max_tokens_limit, max_body_bytes=args.max_body_bytes)
+    where = f"http://{args.host}:{args.port}/v1"
+    print(f"serving {backend.name!r} ({backend.template.name} template) at {where}", file=sys.stderr, flush=True)
+    run_server(backend, args.host, args.port, args.api_key, limits, args.max_batch)
+    return 0
+
+
+def webui(args: argparse.Namespace) -> int:
+    """``zhtune webui``: a Gradio page with correction, chat and training-metrics tabs."""
+    try:
+        from zhtune.serve.webui import build_page, launch
+    except ImportError as exc:
+        raise ZhtuneError(f"zhtune webui needs Gradio ({exc}): pip install 'zhtune[webui]'") from None
+    from zhtune.serve.batcher import Batcher
+
+    backend = _serving_backend(args, args.model, args.adapter)
+    batcher = Batcher(backend).start()
+    print(f"web page for {backend.name!r} at http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    try:
+        launch(build_page(backend, batcher, args.run), args.host, args.port)
+    finally:
+        batcher.close()
+    return 0
+
+
 class _SubcommandsWithCommonOptions:
     """``add_parser`` that gives every subcommand the common options (``--verbose``)."""
 
@@ -320,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=train)
 
+    p = sub.add_parser("prepare", help="tokenize and pack a recipe's data once into the cache that train maps")
+    p.add_argument("recipe", help="recipe YAML (the data, template, tokenize and model.tokenizer sections count)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for train")
+    p.add_argument("--clean", action="store_true", help="remove every prepared data set in the cache folder and exit")
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+    p.set_defaults(func=prepare)
+
     p = sub.add_parser("merge", help="fold LoRA adapters into the base weights, shard by shard, and verify")
     p.add_argument("--base", required=True, help="base checkpoint folder (safetensors)")
     p.add_argument("--adapter", required=True, action="append", help="adapter folder; repeat to apply in order")
@@ -329,6 +464,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-base-mismatch", action="store_true", help="merge onto a base with another fingerprint")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped in the checkpoint")
     p.set_defaults(func=merge)
+
+    p = sub.add_parser(
+        "convert", help="original ChatGLM-6B/2/3, GLM-4-9B-chat checkpoints (or their LoRA adapters) to native layouts"
+    )
+    p.add_argument("src", nargs="?", help="checkpoint folder to convert (original, or native with --to chatglm)")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument(
+        "--variant",
+        choices=["chatglm", "chatglm2", "chatglm3", "glm4"],
+        default=None,
+        help="the release, when the folder cannot tell (ChatGLM2 vs ChatGLM3 without their code files)",
+    )
+    p.add_argument(
+        "--to",
+        choices=["native", "chatglm"],
+        default="native",
+        help="native (default): no remote code; chatglm: back to the original layout",
+    )
+    p.add_argument("--original", default=None, help="with --to chatglm: original folder to copy code/tokenizer from")
+    p.add_argument("--adapter", default=None, help="convert this peft adapter (trained on the original) instead")
+    p.add_argument("--base", default=None, help="with --adapter: the original checkpoint the adapter was trained on")
+    p.set_defaults(func=convert)
 
     p = sub.add_parser("score", help="CGEC score: ChERRANT char-level P/R/F0.5, per-type, over-correction")
     p.add_argument("--hyp", required=True, help="hypothesis para file: id<TAB>source<TAB>hypothesis")
@@ -345,8 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="hypothesis para file to write")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--template", default=None, help="chat template (default: the one recorded at training)")
+    p.add_argument("--system", default=None, help="system prompt (default: the one recorded at training)")
+    p.add_argument("--instruction", default=None, help="instruction before each sentence (default: the recorded one)")
     p.add_argument("--max-chars", type=int, default=128, help="split longer inputs at sentence ends")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="fp32")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on GPU")
+    p.add_argument("--no-speculative", action="store_true", help="plain greedy decoding, no input-copy drafts")
+    p.add_argument("--no-fallback", action="store_true", help="write the model's first line even when it is bad")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--force", action="store_true", help="overwrite --output")
     p.set_defaults(func=correct)
@@ -384,6 +545,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on a tiny model built from packaged text, on CPU")
     p.add_argument("--out", default="zhtune-demo", help="folder for the demo's model, data and run")
     p.set_defaults(func=demo)
+
+    def serving_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True, help="checkpoint folder (a merged model, or the base of --adapter)")
+        p.add_argument("--adapter", default=None, help="LoRA adapter folder")
+        p.add_argument("--template", default=None, help="chat template (default: the one recorded at training)")
+        p.add_argument(
+            "--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on a GPU, fp32 on CPU"
+        )
+        p.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped in the checkpoint")
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (streamed; /system, /clear, /exit)")
+    serving_flags(p)
+    p.add_argument("--compare", default=None, metavar="BASE_DIR", help="also answer every question with this model")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    p.add_argument("--temperature", type=float, default=None, help="0 for greedy (default: the checkpoint's)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-tokens", type=int, default=512, help="the longest answer in tokens")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API (+ /v1/corrections) for one GPU or a laptop")
+    serving_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on every request")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the folder name)")
+    p.add_argument("--max-batch", type=int, default=32, help="most chat requests decoded in one batch")
+    p.add_argument("--max-tokens-limit", type=int, default=4096, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="the largest request body")
+    p.set_defaults(func=serve)
+
+    p = sub.add_parser("webui", help="Gradio page: correction with highlighted edits, chat, training metrics")
+    serving_flags(p)
+    p.add_argument("--run", default=None, help="training output folder whose metrics.jsonl the metrics tab plots")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=webui)
 
     p = sub.add_parser("templates", help="list chat templates")
     p.set_defaults(func=templates)

@@ -1,8 +1,10 @@
 """Typed configuration sections and the strict loader that builds them from YAML mappings.
 
-Each concern has one small frozen dataclass; :func:`from_mapping` turns a plain mapping (from YAML or CLI
-``key=value`` overrides) into one, refusing unknown keys and wrong types with the dotted path of the key.
-It deliberately knows nothing about training or models: higher layers add their own sections the same way.
+Each concern (data, template, tokenization, model, LoRA, training, output, in-loop evaluation) has one small frozen
+dataclass; :func:`from_mapping` turns a plain mapping (from YAML or CLI ``key=value`` overrides) into one, refusing
+unknown keys and wrong types with the dotted path of the key. These are plain settings: nothing here imports a model
+or reads data, so every layer can depend on this module; other recipes (the pipeline's) build their own dataclasses
+with the same loader.
 """
 
 from __future__ import annotations
@@ -20,12 +22,31 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class MixConfig:
+    """How the files of ``data.paths`` become one record stream (before the validation split).
+
+    ``concat`` reads the files one after the other. ``interleave_under`` draws each next record from file ``i``
+    with probability ``probabilities[i]`` (round-robin when empty) and stops when the first file runs out;
+    ``interleave_over`` goes on until every file has run out once, reading exhausted files again (oversampling
+    the smaller ones), as LLaMA-Factory's ``mix_strategy`` does. Draws are seeded with ``seed`` (default
+    ``train.seed``).
+    """
+
+    strategy: Literal["concat", "interleave_under", "interleave_over"] = "concat"
+    probabilities: tuple[float, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the training data is and how to read it.
 
     ``format`` is ``auto`` (detected from the first record) or a name from ``zhtune.data.formats.FORMATS``.
     ``on_error`` is ``raise`` (first bad record stops with file:line and field) or ``skip`` (bad records are
-    counted and the first few reasons reported).
+    counted and the first few reasons reported). ``max_samples`` keeps the first N records of each file (one
+    number for every file, or a list with one entry per path; null or -1: all). ``cache_dir`` holds what
+    ``zhtune prepare`` writes (default ``$ZHTUNE_CACHE/data``, else ``~/.cache/zhtune/data``); ``num_workers``
+    processes tokenize in parallel (1: in this process, the tokenizer's own threads still use every core).
     """
 
     paths: tuple[str, ...] = ()
@@ -33,6 +54,37 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     cgec_instruction: str = "请改正下面句子中的语法错误，只输出改正后的句子。"
     cgec_refs: Literal["first", "each"] = "first"
+    max_samples: int | tuple[int | None, ...] | None = None
+    mix: MixConfig = MixConfig()
+    cache_dir: str | None = None
+    num_workers: int = 1
+
+    def file_limits(self) -> tuple[int | None, ...]:
+        """``max_samples`` as one limit per path (None: no limit)."""
+        limits = self.max_samples if isinstance(self.max_samples, tuple) else (self.max_samples,) * len(self.paths)
+        return tuple(None if n is None or n < 0 else n for n in limits)
+
+
+def check_data_config(data: DataConfig, where: str = "data") -> None:
+    """Cross-field checks of a :class:`DataConfig` (the loader checks each key's type).
+
+    Raises:
+        ConfigError: a per-file list whose length differs from ``paths``, probabilities that are negative or do
+            not sum to 1, ``num_workers`` below 1.
+    """
+    n = len(data.paths)
+    if isinstance(data.max_samples, tuple) and len(data.max_samples) != n:
+        raise ConfigError(f"{where}.max_samples: {len(data.max_samples)} values for {n} paths; give one per path")
+    probs = data.mix.probabilities
+    if probs:
+        if data.mix.strategy == "concat":
+            raise ConfigError(f"{where}.mix.probabilities: only used with strategy interleave_under/interleave_over")
+        if len(probs) != n:
+            raise ConfigError(f"{where}.mix.probabilities: {len(probs)} values for {n} paths; give one per path")
+        if min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+            raise ConfigError(f"{where}.mix.probabilities: must be >= 0 and sum to 1, got {list(probs)}")
+    if data.num_workers < 1:
+        raise ConfigError(f"{where}.num_workers: must be at least 1, got {data.num_workers}")
 
 
 @dataclass(frozen=True)
@@ -270,6 +322,7 @@ def recipe_from_dict(tree: dict, where: str = "recipe") -> Recipe:
         raise ConfigError(f"{where}: model.path is required (a local checkpoint folder)")
     if not recipe.data.paths:
         raise ConfigError(f"{where}: data.paths is required (one or more data files)")
+    check_data_config(recipe.data, f"{where}: data")
     if not 0.0 <= recipe.model.checkpoint_fraction <= 1.0:
         raise ConfigError(f"{where}: model.checkpoint_fraction must be between 0 and 1")
     if recipe.eval.cgec is not None and not recipe.eval.cgec.data:
@@ -314,6 +367,8 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 __all__ = [
     "DataConfig",
+    "MixConfig",
+    "check_data_config",
     "TemplateConfig",
     "TokenizeConfig",
     "ModelConfig",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from zhtune.data.chat_templates import chat_template_for, templates_with_jinja
@@ -52,7 +54,9 @@ def hf_messages(conv: Conversation) -> list[dict]:
 
 
 def assert_renders_like(tok, name: str, jinja: str, system: str | None = None) -> None:
+    """(On a copy: the session's shared tokenizer keeps its own chat template for the other tests.)"""
     template = get_template(name)
+    tok = copy.deepcopy(tok)
     tok.chat_template = jinja
     for conv, gen in conversations():
         options = RenderOptions(system=system, add_generation_prompt=gen)

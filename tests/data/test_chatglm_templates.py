@@ -148,7 +148,6 @@ def test_chatglm6b_prompt_and_special_ids(shared):
         "<eop>": 130005,
     }
     tmpl = get_template("chatglm")
-    assert not tmpl.history_supervised
     text = rendered_text(tmpl.render(two_rounds(), SpecialTokens(eos="<eop>", bos="<sop>")))
     assert text == chat_prompt_chatglm6b(Q2, [(Q1, A1)]) + "[gMASK]<sop>" + A2 + "<eop>"
     single = Conversation((Message("user", Q1), Message("assistant", A1)))

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import bisect
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from tests.helpers import tiny_qwen2
-from zhtune.data.packing import collate_packed, collate_padded, pack_samples, packing_efficiency
+from zhtune.data.packing import (
+    best_fit_rows,
+    collate_packed,
+    collate_padded,
+    pack_samples,
+    packing_efficiency,
+    row_from_arrays,
+)
 from zhtune.data.tokenize import IGNORE_INDEX, TokenizedSample
 
 VOCAB = 512
@@ -107,3 +116,69 @@ def test_position_ids_alone_give_document_blocks_with_flex_attention(tmp_path):
         ]
         alone = model(input_ids=torch.tensor([doc])).logits[0]
     torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+def old_pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
+    """zhtune's packing before the bucketed version, kept verbatim as the reference (Python lists, insort)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            rows.append([i])
+            bisect.insort(free, (row_len - n, len(rows) - 1))
+        else:
+            room, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (room - n, r))
+    return rows
+
+
+def rows_of(lengths, row_len):
+    offsets, members = best_fit_rows(np.array(lengths), row_len)
+    return [members[offsets[r] : offsets[r + 1]].tolist() for r in range(len(offsets) - 1)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bucketed_best_fit_equals_the_list_version(seed):
+    rng = random.Random(seed)
+    row_len = rng.choice([64, 256, 2048])
+    # many equal lengths (ties) and lengths that fill rows exactly
+    lengths = [rng.choice([rng.randint(1, row_len), row_len // 4, row_len // 2, 3]) for _ in range(3000)]
+    assert rows_of(lengths, row_len) == old_pack_rows(lengths, row_len)
+
+
+def first_fit_rows(lengths: list[int], row_len: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows, free = [], []
+    for i in order:
+        r = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+        if r is None:
+            rows.append([]), free.append(row_len)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= lengths[i]
+    return rows
+
+
+def test_the_packing_comparison_can_fail():
+    """On the same lengths first fit packs otherwise, so the equality above is a real check of best fit."""
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 256) for _ in range(3000)]
+    assert rows_of(lengths, 256) != first_fit_rows(lengths, 256)
+    assert sorted(map(sorted, first_fit_rows(lengths, 256))) != sorted(map(sorted, rows_of(lengths, 256)))
+
+
+def test_rows_from_arrays_equal_rows_from_samples():
+    samples = random_samples(40, seed=3)
+    rows = pack_samples(samples, row_len=96, pad_id=7)
+    ids = np.concatenate([np.array(s.input_ids) for s in samples]).astype(np.int32)
+    sup = np.concatenate([np.array(s.labels) != IGNORE_INDEX for s in samples])
+    lengths = np.array([len(s.input_ids) for s in samples])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    offsets, members = best_fit_rows(lengths, 96)
+    for r, row in enumerate(rows):
+        got = row_from_arrays(ids, sup, starts, lengths, members[offsets[r] : offsets[r + 1]], 96, 7)
+        assert got == row

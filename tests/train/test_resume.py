@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from tests.helpers import load_fp32
-from tests.train.conftest import ALPACA, write_recipe
+from tests.train.conftest import ALPACA, kill_after_checkpoint_script, write_recipe
 from zhtune.config import InitAdapterConfig, LoraConfig, ModelConfig
 from zhtune.model.load import attach_lora, load_base_model
 from zhtune.train.checkpoint import find_checkpoint
@@ -53,14 +52,10 @@ def test_resume_after_kill_matches_uninterrupted(uninterrupted, llama_checkpoint
     recipe = write_recipe(
         tmp_path / "r.yaml", llama_checkpoint, shared / ALPACA, tmp_path / "run", "llama2", train=RESUME, lora=LORA
     )
-    proc = cli("train", str(recipe))
-    latest = tmp_path / "run" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    script = kill_after_checkpoint_script(tmp_path)
+    proc = subprocess.run([sys.executable, str(script), str(N), "train", str(recipe)], capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert find_checkpoint(tmp_path / "run", "latest").name == f"step-{N:07d}"
     assert not (tmp_path / "run" / "adapter").exists()
     resumed = cli("train", str(recipe), "train.resume_from=latest")
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()

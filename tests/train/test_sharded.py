@@ -9,19 +9,16 @@ adapter tensor by tensor, and a merge of the sharded run's adapter passes verifi
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.train.conftest import ALPACA, write_recipe
+from tests.train.conftest import ALPACA, kill_after_checkpoint_script, write_recipe
 from zhtune.train.checkpoint import find_checkpoint
 from zhtune.train.metrics import read_metrics
 
@@ -48,18 +45,6 @@ def launch(config: str, processes: int, recipe: Path, *overrides: str, port: int
         "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(port),
         "-m", "zhtune.cli", "train", str(recipe), *overrides,
     ]  # fmt: skip
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL process ``pid`` and all its descendants at once, and wait until they are gone."""
-    import psutil
-
-    parent = psutil.Process(pid)
-    procs = [parent, *parent.children(recursive=True)]
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=60)
 
 
 def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
@@ -149,16 +134,14 @@ def test_fsdp2_two_processes_match_one_process(fsdp2, single):
 
 def test_fsdp2_resume_after_kill_matches_uninterrupted(fsdp2, llama_checkpoint, shared, tmp_path):
     cfg = recipe(tmp_path, llama_checkpoint, shared, "run", 2, cgec=False)
-    proc = subprocess.Popen(
-        launch("fsdp.yaml", 2, cfg, port=29542), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    latest = tmp_path / "run" / "checkpoints" / "latest"
-    deadline = time.time() + 400
-    while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    kill_tree(proc.pid)  # the launcher, torchrun's agent and both ranks (the workers run in sessions of their own)
-    assert find_checkpoint(tmp_path / "run", "latest").name == "step-0000002", "killed too late"
+    killed = launch("fsdp.yaml", 2, cfg, port=29542)
+    at = killed.index("-m", killed.index("--main_process_port"))
+    killed[at : at + 2] = [str(kill_after_checkpoint_script(tmp_path)), "2"]  # both ranks die after step 2's save
+    proc = subprocess.run(killed, capture_output=True, text=True, timeout=400, env=ENV)
+    assert proc.returncode != 0, "the run was not killed"
+    assert find_checkpoint(tmp_path / "run", "latest").name == "step-0000002"
     assert not (tmp_path / "run" / "checkpoints" / f"step-{STEPS:07d}").exists()
+    assert not (tmp_path / "run" / "adapter").exists()
     run(launch("fsdp.yaml", 2, cfg, "train.resume_from=latest", port=29543))
     assert_same_curve(losses(tmp_path / "run"), losses(fsdp2), tol=1e-6)
     assert_same_adapter(tmp_path / "run" / "adapter", fsdp2 / "adapter")

@@ -7,7 +7,9 @@ base". The training system prompt (``template.system`` of the recipe) becomes th
 prompt. Each string here is tested against :meth:`Template.render` on multi-turn conversations with and without a
 system prompt (``tests/data/test_chat_templates.py``).
 
-These templates render plain user/assistant conversations. Tool schemas and function calls are not expressed here:
+The ChatGLM templates (``pieces`` tokenization) come from :mod:`zhtune.data.chat_templates_chatglm`: they give the
+ids of the pieces rendering with the converted tokenizers of ``zhtune convert``. These templates render plain
+user/assistant conversations. Tool schemas and function calls are not expressed here:
 where a base tokenizer already carries a template that renders like ours (the official Qwen ones, with tools),
 ``zhtune merge`` keeps that one (:func:`zhtune.merge.merge` checks the two agree on probe conversations).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 
+from zhtune.data.chat_templates_chatglm import CHATGLM_JINJA
 from zhtune.data.conversation import Conversation, Message
 from zhtune.data.templates import TEMPLATES, RenderOptions, SpecialTokens, Template, get_template
 from zhtune.errors import ConfigError
@@ -127,6 +130,13 @@ _BODIES = {
 }
 
 
+# The ChatGLM templates read the system prompt from the messages; a default is put in front when none is given.
+_DEFAULT_SYSTEM_MESSAGE = (
+    "{%- if not (messages and messages[0]['role'] == 'system') -%}"
+    "{%- set messages = [{'role': 'system', 'content': {default}}] + messages -%}{%- endif -%}"
+)
+
+
 def chat_template_for(name: str, system: str | None = None) -> str:
     """The Jinja chat template that renders like the registered template ``name``.
 
@@ -141,21 +151,24 @@ def chat_template_for(name: str, system: str | None = None) -> str:
         ConfigError: unknown template, or one with no Jinja form yet.
     """
     template = get_template(name)
+    default = system if system is not None else template.default_system
+    # json.dumps gives a double-quoted literal with \\u escapes, which Jinja reads back as the same string
+    literal = "none" if default is None else json.dumps(default)
+    if name in CHATGLM_JINJA:
+        prefix = _DEFAULT_SYSTEM_MESSAGE.replace("{default}", literal) if default is not None else ""
+        return prefix + CHATGLM_JINJA[name]
     body = _BODIES.get(name)
     if body is None:
         raise ConfigError(
             f"template {name!r} has no Jinja chat_template yet (known: {', '.join(sorted(_BODIES))}); "
             "the merged model's tokenizer keeps the base's"
         )
-    default = system if system is not None else template.default_system
-    # json.dumps gives a double-quoted literal with \\u escapes, which Jinja reads back as the same string
-    literal = "none" if default is None else json.dumps(default)
     return _SYSTEM.replace("{default}", literal) + _ONLY_CHAT + body
 
 
 def templates_with_jinja() -> list[str]:
     """Registered template names that :func:`chat_template_for` can export."""
-    return [name for name in TEMPLATES if name in _BODIES]
+    return [name for name in TEMPLATES if name in _BODIES or name in CHATGLM_JINJA]
 
 
 # Probe conversations: one and several turns, with and without a system prompt, whole and as generation prompts.

@@ -41,10 +41,6 @@ class Conversation:
     origin: str = ""
     meta: dict = field(default_factory=dict, compare=False)
 
-    def assistant_turns(self) -> int:
-        """Number of supervised (assistant or function_call) turns."""
-        return sum(m.role in ASSISTANT_ROLES for m in self.messages)
-
 
 def order_problem(messages: list[Message]) -> tuple[int, str] | None:
     """Return ``(index, reason)`` for the first turn out of order, or None when the order is valid.

@@ -310,10 +310,66 @@ class LoadReport:
         return text
 
 
+def check_format_name(config: DataConfig) -> str | None:
+    """The explicit format of ``config`` (None for ``auto``).
+
+    Raises:
+        ConfigError: an unknown format name.
+    """
+    if config.format != "auto" and config.format not in FORMATS:
+        raise ConfigError(f"data.format: unknown format {config.format!r}; known: auto, {', '.join(FORMATS)}")
+    return None if config.format == "auto" else config.format
+
+
+def detect_file_format(rec: object, path: str | Path, line: int) -> str:
+    """The format of a file, detected from one of its records (the first that is an object).
+
+    Raises:
+        DataError: the record matches no format; the message says to set ``data.format``.
+    """
+    fmt = detect_format(rec)
+    if fmt is None:
+        raise DataError(
+            str(path),
+            line,
+            None,
+            f"cannot detect the format from fields {sorted(rec)}; set data.format to one of {', '.join(FORMATS)}",
+        )
+    return fmt
+
+
+def record_conversations(
+    rec: object, fmt: str | None, ctx: ParseContext, path: str | Path, line: int
+) -> list[Conversation]:
+    """Parse one raw record (as :func:`zhtune.data.readers.iter_records` yields it) into conversations.
+
+    ``fmt`` may be None only while a file's format is still unknown, which happens only before its first object.
+
+    Returns:
+        The record's conversations (several for ``self_instruct`` instances or ``cgec_refs: each``), each with
+        ``origin`` ``file:line``.
+
+    Raises:
+        DataError: the reader's error for this record, a record that is not an object, or a field error
+            (file:line, field, reason).
+    """
+    if isinstance(rec, DataError):
+        raise rec
+    if not isinstance(rec, dict):
+        raise DataError(str(path), line, None, f"expected a JSON object, got {type(rec).__name__}")
+    try:
+        convs = FORMATS[fmt](rec, ctx)
+    except FieldError as exc:
+        raise DataError(str(path), line, exc.field, f"{exc.reason} (format {fmt})") from None
+    origin = f"{path}:{line}"
+    return [Conversation(c.messages, c.system, c.tools, origin, c.meta) for c in convs]
+
+
 def load_conversations(
     paths: Iterable[str | Path], config: DataConfig | None = None
 ) -> tuple[list[Conversation], LoadReport]:
-    """Read every file in ``paths`` into conversations.
+    """Read every file in ``paths`` into conversations (in memory; training streams through
+    :mod:`zhtune.data.prepare` instead).
 
     Args:
         paths: data files (JSON array, JSON Lines, ``.gz``, para).
@@ -328,42 +384,23 @@ def load_conversations(
         ConfigError: an unknown ``format`` name.
     """
     config = config or DataConfig()
-    if config.format != "auto" and config.format not in FORMATS:
-        raise ConfigError(f"data.format: unknown format {config.format!r}; known: auto, {', '.join(FORMATS)}")
+    explicit = check_format_name(config)
     out: list[Conversation] = []
     report = LoadReport()
     for path in paths:
         ctx = ParseContext(config)
-        fmt = None if config.format == "auto" else config.format
+        fmt = explicit
         for line, rec in iter_records(path):
             report.records += 1
             try:
-                if isinstance(rec, DataError):
-                    raise rec
-                if not isinstance(rec, dict):
-                    raise DataError(str(path), line, None, f"expected a JSON object, got {type(rec).__name__}")
-                if fmt is None:
-                    fmt = detect_format(rec)
-                    if fmt is None:
-                        raise DataError(
-                            str(path),
-                            line,
-                            None,
-                            f"cannot detect the format from fields {sorted(rec)}; set data.format to one of "
-                            f"{', '.join(FORMATS)}",
-                        )
+                if fmt is None and isinstance(rec, dict):
+                    fmt = detect_file_format(rec, path, line)
                     report.formats[str(path)] = fmt
-                try:
-                    convs = FORMATS[fmt](rec, ctx)
-                except FieldError as exc:
-                    raise DataError(str(path), line, exc.field, f"{exc.reason} (format {fmt})") from None
+                out += record_conversations(rec, fmt, ctx, path, line)
             except DataError as exc:
                 if config.on_error == "raise":
                     raise
                 report.add_skip(exc)
-                continue
-            for conv in convs:
-                out.append(Conversation(conv.messages, conv.system, conv.tools, f"{path}:{line}", conv.meta))
         report.formats.setdefault(str(path), fmt or "?")
         report.trimmed_trailing_user += ctx.trimmed
     report.conversations = len(out)

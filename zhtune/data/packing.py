@@ -12,9 +12,11 @@ same ``seq_ids`` / ``position_ids`` with a varlen or flex-attention kernel inste
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from zhtune.data.tokenize import IGNORE_INDEX, TokenizedSample
@@ -34,28 +36,68 @@ class PackedRow:
         return len({s for s in self.seq_ids if s >= 0})
 
 
+def best_fit_rows(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack documents of ``lengths`` tokens into rows of ``row_len``: best fit, longest first, ties by position.
+
+    Each document goes to the row with the least room that still fits it (the earliest such row on a tie), or
+    opens a new row. Rows are kept in buckets by free room (a heap of row indices per room, the rooms sorted), so
+    a million documents pack in seconds with a few small arrays, never a Python object per document.
+
+    Returns:
+        ``(row_offsets, members)``: ``members[row_offsets[r]:row_offsets[r + 1]]`` are the indices of the
+        documents of row ``r``, in the order they were placed.
+
+    Raises:
+        ValueError: a document longer than ``row_len`` (apply the cutoff policy first); the message has its index.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > row_len:
+        i = int(np.argmax(lengths))
+        raise ValueError(f"document {i} of {int(lengths[i])} tokens does not fit a row of {row_len}")
+    order = np.argsort(-lengths, kind="stable")
+    row_of = np.empty(len(order), dtype=np.int64)
+    rows_with_room: dict[int, list[int]] = {}  # free tokens -> heap of the rows with exactly that much room
+    rooms: list[int] = []  # the keys of rows_with_room, sorted
+    n_rows = 0
+    for pos, n in enumerate(lengths[order].tolist()):
+        k = bisect.bisect_left(rooms, n)
+        if k == len(rooms):
+            row, room = n_rows, row_len
+            n_rows += 1
+        else:
+            room = rooms[k]
+            heap = rows_with_room[room]
+            row = heapq.heappop(heap)
+            if not heap:
+                del rooms[k], rows_with_room[room]
+        left = room - n
+        heap = rows_with_room.get(left)
+        if heap is None:
+            rows_with_room[left] = [row]
+            bisect.insort(rooms, left)
+        else:
+            heapq.heappush(heap, row)
+        row_of[pos] = row
+    members = order[np.argsort(row_of, kind="stable")]
+    row_offsets = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=n_rows))]).astype(np.int64)
+    return row_offsets, members
+
+
 def pack_samples(samples: Sequence[TokenizedSample], row_len: int, pad_id: int) -> list[PackedRow]:
-    """Pack samples into rows of exactly ``row_len`` tokens (best fit, longest first).
+    """Pack samples into rows of exactly ``row_len`` tokens (best fit, longest first; see :func:`best_fit_rows`).
 
     Raises:
         ValueError: a sample longer than ``row_len`` (apply the cutoff policy first).
     """
-    order = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))
-    rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free tokens, row index), sorted
-    for i in order:
-        n = len(samples[i].input_ids)
-        if n > row_len:
-            raise ValueError(f"{samples[i].origin}: sample of {n} tokens does not fit a row of {row_len}")
-        k = bisect.bisect_left(free, (n, -1))
-        if k == len(free):
-            rows.append([i])
-            bisect.insort(free, (row_len - n, len(rows) - 1))
-        else:
-            room, r = free.pop(k)
-            rows[r].append(i)
-            bisect.insort(free, (room - n, r))
-    return [_build_row([samples[i] for i in members], row_len, pad_id) for members in rows]
+    for s in samples:
+        if len(s.input_ids) > row_len:
+            raise ValueError(f"{s.origin}: sample of {len(s.input_ids)} tokens does not fit a row of {row_len}")
+    offsets, members = best_fit_rows(np.array([len(s.input_ids) for s in samples], dtype=np.int64), row_len)
+    members = members.tolist()
+    return [
+        _build_row([samples[i] for i in members[offsets[r] : offsets[r + 1]]], row_len, pad_id)
+        for r in range(len(offsets) - 1)
+    ]
 
 
 def _build_row(members: list[TokenizedSample], row_len: int, pad_id: int) -> PackedRow:
@@ -68,6 +110,31 @@ def _build_row(members: list[TokenizedSample], row_len: int, pad_id: int) -> Pac
         seq += [d] * n
     pad = row_len - len(ids)
     return PackedRow(ids + [pad_id] * pad, labels + [IGNORE_INDEX] * pad, pos + list(range(pad)), seq + [-1] * pad)
+
+
+def row_from_arrays(
+    ids: np.ndarray, supervised: np.ndarray, starts: np.ndarray, lengths: np.ndarray, members, row_len: int, pad_id: int
+) -> PackedRow:
+    """The packed row of documents ``members``, read from flat token arrays (the memory-mapped cache).
+
+    ``ids[starts[d]:starts[d] + lengths[d]]`` are document ``d``'s tokens and ``supervised`` says which carry a
+    label; the row is what :func:`pack_samples` makes of the same documents.
+    """
+    spans = [(int(starts[m]), int(lengths[m])) for m in members]
+    lens = np.array([n for _s, n in spans], dtype=np.int64)
+    tokens = np.concatenate([ids[a : a + n] for a, n in spans]).astype(np.int64)
+    labels = np.where(np.concatenate([supervised[a : a + n] for a, n in spans]), tokens, IGNORE_INDEX)
+    doc_starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    labels[doc_starts] = IGNORE_INDEX  # in a row no document predicts its first token (as position 0 unpacked)
+    positions = np.arange(len(tokens)) - np.repeat(doc_starts, lens)
+    seq = np.repeat(np.arange(len(spans)), lens)
+    pad = row_len - len(tokens)
+    return PackedRow(
+        tokens.tolist() + [pad_id] * pad,
+        labels.tolist() + [IGNORE_INDEX] * pad,
+        positions.tolist() + list(range(pad)),
+        seq.tolist() + [-1] * pad,
+    )
 
 
 def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

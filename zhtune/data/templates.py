@@ -108,8 +108,6 @@ class Template:
         default_system: the system prompt used when the conversation and the recipe give none.
         stop: strings that end generation besides the tokenizer's EOS.
         tools: whether tool schemas, function calls and observations can be rendered.
-        history_supervised: False when the format puts earlier rounds into the prompt (ChatGLM-6B), so only the
-            last assistant turn can be trained.
         tokens: special tokens the tokenizer must know as single tokens (checked before tokenizing, so that a
             template used with the wrong model fails with a clear message).
         description: one line for ``zhtune templates``.
@@ -121,7 +119,6 @@ class Template:
     default_system: str | None = None
     stop: tuple[str, ...] = ()
     tools: bool = False
-    history_supervised: bool = True
     tokens: tuple[str, ...] = ()
     description: str = ""
 
@@ -452,7 +449,6 @@ def _chatglm2(conv, specials, options, tmpl):
     "chatglm",
     tokenization="pieces",
     stop=("<eop>",),
-    history_supervised=False,
     description="ChatGLM-6B: '[Round N]\\n问：…\\n答：' history, then [gMASK]<sop> answer <eop>",
 )
 def _chatglm(conv, specials, options, tmpl):

@@ -22,9 +22,7 @@ from zhtune.paths import cache_root
 
 FILES = ("cilin.txt", "confusion_dict.txt")
 # ChERRANT's data folder at the commit whose tables reproduce the official scores, and the files' known sha256
-TABLES_URL = (
-    "https://raw.githubusercontent.com/HillZhang1999/MuCGEC/39221934ee4ccf07801879136a75dd7e11319977/scorers/ChERRANT/data"
-)
+TABLES_URL = "https://raw.githubusercontent.com/HillZhang1999/MuCGEC/39221934ee4ccf07801879136a75dd7e11319977/scorers/ChERRANT/data"
 SHA256 = {
     "cilin.txt": "d4c707f5d895e00f2223547582f1c2cd8f5888a7cc0d0f687fc28a510b77a6bb",
     "confusion_dict.txt": "aafa202dc451fb79a0a2cfc77b965009daa39d0cedd03e25074c1a35b7ac67b2",

@@ -1,7 +1,10 @@
 """The CGEC evaluation the training loop runs every N steps: correct a dev subset, score it, report P/R/F0.5.
 
 It is built here (the GEC layer) and handed to :func:`zhtune.train.loop.train` as an evaluator, so the training
-loop stays free of GEC code.
+loop stays free of GEC code. The prompt is the one training renders: the recipe's template and system prompt, and
+``eval.cgec.instruction`` or else the recipe's ``data.cgec_instruction``. Decoding is the engine's greedy
+speculative decoding, run eagerly (no CUDA graphs: the weights change between evaluations and the training process
+needs its memory); the engine is closed after every evaluation, which gives the model its attention back.
 """
 
 from __future__ import annotations
@@ -23,8 +26,16 @@ class CgecEvaluator:
 
     best_key = "cgec_f0.5"
 
-    def __init__(self, config: CgecEvalConfig, template: Template, out_dir: Path, options: RenderOptions):
+    def __init__(
+        self,
+        config: CgecEvalConfig,
+        template: Template,
+        out_dir: Path,
+        options: RenderOptions,
+        default_instruction: str = CGEC_INSTRUCTION,
+    ):
         self.config, self.template, self.options = config, template, options
+        self.instruction = config.instruction if config.instruction is not None else default_instruction
         self.every = config.every
         self.out_dir = Path(out_dir) / "cgec_eval"
         semantic, confusion, self.tables = tables_or_empty()
@@ -36,17 +47,19 @@ class CgecEvaluator:
             self.best_key = None
 
     def __call__(self, model, tokenizer, step: int) -> dict:
-        generator = Generator(model, tokenizer, self.template, self.options)
-        instruction = self.config.instruction if self.config.instruction is not None else CGEC_INSTRUCTION
-        result = correct_and_score(
-            generator,
-            self.rows,
-            self.refs,
-            self.aligner,
-            self.out_dir / f"step-{step:07d}.para",
-            self.config.batch_size,
-            instruction,
-        )
+        generator = Generator(model, tokenizer, self.template, self.options, speculative=True, graphs=False)
+        try:
+            result = correct_and_score(
+                generator,
+                self.rows,
+                self.refs,
+                self.aligner,
+                self.out_dir / f"step-{step:07d}.para",
+                self.config.batch_size,
+                self.instruction,
+            )
+        finally:
+            generator.close()
         fallbacks = sum(result["fallbacks"].values())
         return {
             "cgec_precision": result["precision"],
@@ -63,4 +76,6 @@ def build_evaluators(recipe) -> list:
     from zhtune.data.templates import get_template
 
     options = RenderOptions(system=recipe.template.system, enable_thinking=recipe.template.enable_thinking)
-    return [CgecEvaluator(recipe.eval.cgec, get_template(recipe.template.name), Path(recipe.output.dir), options)]
+    template = get_template(recipe.template.name)
+    out = Path(recipe.output.dir)
+    return [CgecEvaluator(recipe.eval.cgec, template, out, options, default_instruction=recipe.data.cgec_instruction)]

@@ -29,24 +29,14 @@ from zhtune.model.checkpoint_files import (
     embedding_tensor_name,
     model_lineage,
     remember_digests,
-    tensor_hasher,
     tensor_headers,
     weight_shards,
 )
+from zhtune.model.convert import resolve_checkpoint
 from zhtune.model.load import DTYPES
+from zhtune.model.safetensors_io import SAFETENSORS_DTYPES, write_safetensors
 
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+
 @dataclass
 class MergeResult:
     out: Path
@@ -127,7 +117,7 @@ def merge_adapters(
     """
     reset_peak_rss()
     start, rss0 = time.perf_counter(), rss_mb()
-    base, out = Path(base), Path(out)
+    base, out = resolve_checkpoint(base), Path(out)  # an original ChatGLM folder: its (cached) conversion
     _check_out(out)
     if not adapter_paths:
         raise ConfigError("give at least one --adapter")
@@ -248,38 +238,6 @@ def _write_shards(base: Path, shards: dict, adapters: list[Adapter], out: Path, 
             digests[out_name] = write_safetensors(out / out_name, plan, produce)
         weight_map.update({name: out_name for name, _d, _s in plan})
     return weight_map, changed, digests
-
-
-def write_safetensors(path: Path, plan: list[tuple[str, torch.dtype, list[int]]], produce) -> dict[str, str]:
-    """Write a safetensors file tensor by tensor: the header comes from ``plan``, the data from ``produce``.
-
-    Only one tensor is in memory at a time, unlike ``safetensors.torch.save_file`` which needs the whole dict
-    (and serialises a copy of it). Returns the tensors' content digests (as
-    :func:`zhtune.model.checkpoint_files.tensor_digests` computes them), hashed while writing.
-    """
-    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, dtype, shape in plan:
-        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    digests = {}
-    with path.open("wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for name, dtype, shape in plan:
-            tensor = produce(name, dtype).contiguous()
-            if list(tensor.shape) != list(shape):
-                raise ConfigError(f"tensor {name} has shape {tuple(tensor.shape)}, planned {tuple(shape)}")
-            data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            f.write(data)
-            h = tensor_hasher(names[dtype], shape)
-            h.update(data)
-            digests[name] = h.hexdigest()
-            del tensor, data
-    return digests
 
 
 def _merged_tensor(name: str, tensor: torch.Tensor | None, adapters: list[Adapter]) -> tuple[torch.Tensor, int]:

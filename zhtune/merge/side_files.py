@@ -16,19 +16,7 @@ import shutil
 from pathlib import Path
 
 from zhtune.errors import ConfigError
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "ice_text.model",
-)
+from zhtune.model.tokenizer import TOKENIZER_FILES
 
 
 def tokenizer_source(base: Path, adapter_paths: list[Path]) -> Path:

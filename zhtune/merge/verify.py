@@ -26,10 +26,13 @@ from pathlib import Path
 import torch
 
 from zhtune.merge.adapter import Adapter, LoraDelta, apply_delta, lineage_checks, read_adapter
-from zhtune.merge.merge import SAFETENSORS_DTYPES, _tied_head_source
-from zhtune.merge.side_files import TOKENIZER_FILES, stop_ids, tokenizer_source
+from zhtune.merge.merge import _tied_head_source
+from zhtune.merge.side_files import stop_ids, tokenizer_source
 from zhtune.merge.stream import LayerStream, NotStreamable
 from zhtune.model.checkpoint_files import base_fingerprint, model_lineage, tensor_headers, weight_shards
+from zhtune.model.convert import resolve_checkpoint
+from zhtune.model.safetensors_io import SAFETENSORS_DTYPES
+from zhtune.model.tokenizer import TOKENIZER_FILES
 
 PROBES = ["请把下面的句子改正：我昨天去了图书馆看书了。", "你好，请介绍一下你自己。", "The capital of China is"]
 # one unit in the last place, relative: two correct roundings of nearly equal fp32 values differ by at most this
@@ -161,7 +164,7 @@ def verify_merge(
     Returns:
         ``[{"check", "passed", "compared", ...numbers}]``; a check with ``"waived": true`` failed but was allowed.
     """
-    base, out = Path(base), Path(out)
+    base, out = resolve_checkpoint(base), Path(out)
     adapters = [read_adapter(p) for p in adapter_paths]
     merged = Variant(out)
     stored = {n: SAFETENSORS_DTYPES[dt] for n, (dt, _s) in merged.headers.items()}
@@ -227,8 +230,11 @@ def _compare_tensor(name: str, variants: dict, dtype: torch.dtype) -> tuple[str 
         bad += int((err > ULP[dtype] * torch.maximum(m.abs(), r.abs()) + 1e-30).sum())
         worst = max(worst, float(err.max()) if err.numel() else 0.0)
     changed = any(name in a.deltas or name in a.replaced for a in reference.adapters)
-    if bad and changed and base.shape(name) == shape and all(
-        torch.equal(merged.rows(name, ids), base.rows(name, ids).to(dtype).float()) for ids in chunks
+    if (
+        bad
+        and changed
+        and base.shape(name) == shape
+        and all(torch.equal(merged.rows(name, ids), base.rows(name, ids).to(dtype).float()) for ids in chunks)
     ):
         return "equals the base; the adapter's update is missing", worst
     if bad:
@@ -326,7 +332,9 @@ def _tokenizer_check(base: Path, adapter_paths: list[Path], out: Path) -> dict:
     differ = [
         f
         for f in TOKENIZER_FILES
-        if f not in rewritten and (source / f).exists() and (out / f).exists()
+        if f not in rewritten
+        and (source / f).exists()
+        and (out / f).exists()
         and (source / f).read_bytes() != (out / f).read_bytes()
     ]
     config_kept = (out / "tokenizer_config.json").exists() == (source / "tokenizer_config.json").exists()

@@ -93,7 +93,7 @@ def tensor_digests(path: Path) -> dict[str, str]:
             f.seek(start + begin)
             remaining = end - begin
             while remaining:
-                block = f.read(min(remaining, 1 << 24))
+                block = f.read(min(remaining, 1 << 20))
                 if not block:
                     raise ConfigError(f"{path}: tensor {name} is cut short (the file is truncated)")
                 h.update(block)
@@ -132,13 +132,15 @@ def base_fingerprint(model_dir: str | Path) -> str:
     Two folders get the same fingerprint exactly when they hold the same tensors (names, dtypes, shapes and values,
     however they are sharded) under the same configuration; a base and its -Instruct sibling, or weights updated in
     place, differ. Tensor digests are cached per shard file (:func:`tensor_digests`), so ``train``, ``merge`` and the
-    pipeline can fingerprint a model repeatedly at the cost of one read.
+    pipeline can fingerprint a model repeatedly at the cost of one read. An original ChatGLM folder has the
+    fingerprint of its conversion (:func:`zhtune.model.convert.resolve_checkpoint`), the model actually trained and
+    merged.
     """
-    model_dir = Path(model_dir)
+    from zhtune.model.convert import resolve_checkpoint
+
+    model_dir = resolve_checkpoint(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    h = hashlib.sha256(
-        json.dumps({k: v for k, v in config.items() if k not in COSMETIC_KEYS}, sort_keys=True).encode()
-    )
+    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in COSMETIC_KEYS}, sort_keys=True).encode())
     digests = {}
     for shard in weight_shards(model_dir):
         digests.update(tensor_digests(model_dir / shard))

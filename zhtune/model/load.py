@@ -18,6 +18,7 @@ import torch
 
 from zhtune.config import LoraConfig, ModelConfig
 from zhtune.errors import ConfigError
+from zhtune.model.checkpoint_files import MERGE_REPORT, embedding_tensor_name
 from zhtune.model.targets import lora_targets
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,17 @@ ADAPTER_META = "zhtune_adapter.json"
 
 
 def load_base_model(config: ModelConfig):
-    """Load the base model from a local folder.
+    """Load the base model from a local folder (an original ChatGLM folder is converted once, see
+    :func:`zhtune.model.convert.resolve_checkpoint`).
 
     Raises:
         ConfigError: missing folder or a checkpoint transformers cannot load.
     """
     from transformers import AutoModelForCausalLM
 
-    path = Path(config.path)
+    from zhtune.model.convert import resolve_checkpoint
+
+    path = resolve_checkpoint(config.path)
     if not (path / "config.json").exists():
         raise ConfigError(f"model.path {path} is not a checkpoint folder (no config.json)")
     extra = {}
@@ -143,8 +147,8 @@ def load_adapter_model(base: str | Path, adapter: str | Path, dtype: str = "fp32
         ModelConfig(path=str(base), dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
     )
     with safe_open(Path(adapter) / "adapter_model.safetensors", "pt") as f:
-        embed = [k for k in f.keys() if k.endswith("embed_tokens.weight")]
-        rows = f.get_slice(embed[0]).get_shape()[0] if embed else None
+        embed = embedding_tensor_name(f.keys())
+        rows = f.get_slice(embed).get_shape()[0] if embed else None
     if rows and rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(rows)
     return peft.PeftModel.from_pretrained(model, str(adapter)).eval()
@@ -154,10 +158,28 @@ def write_adapter_meta(folder: Path, meta: dict) -> None:
     (folder / ADAPTER_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
 
 
+def inference_dtype(dtype: str = "auto") -> str:
+    """``auto``: bf16 on a CUDA GPU that has it, fp32 elsewhere (a CPU computes bf16 slowly); else ``dtype``."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def load_for_inference(
-    model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "fp32", trust_remote_code: bool = False
+    model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "auto", trust_remote_code: bool = False
 ):
-    """A model ready to generate: the checkpoint, plus ``adapter`` when given, on GPU when there is one."""
+    """A model ready to generate: the checkpoint, plus ``adapter`` when given, on GPU when there is one.
+
+    Args:
+        model_dir: a checkpoint folder (a merged model, or the base of ``adapter``).
+        adapter: a peft adapter folder, or None.
+        dtype: ``auto`` (see :func:`inference_dtype`), ``bf16``, ``fp16`` or ``fp32``.
+        trust_remote_code: allow model code shipped in the checkpoint.
+
+    Raises:
+        ConfigError: not a checkpoint folder, or a checkpoint transformers cannot load.
+    """
+    dtype = inference_dtype(dtype)
     if adapter:
         model = load_adapter_model(model_dir, adapter, dtype, trust_remote_code)
     else:
@@ -171,11 +193,36 @@ def load_for_inference(
     return model
 
 
+def recorded_settings(model_dir: str | Path, adapter: str | Path | None = None) -> dict:
+    """How a model was trained, as zhtune recorded it: the adapter's ``zhtune_adapter.json`` when an adapter is
+    given, else a zhtune-merged model's ``merge_report.json`` (both carry ``template`` and the resolved ``recipe``).
+
+    Returns:
+        ``{"template", "system", "enable_thinking", "instruction", "recorded_in"}``; values are None where
+        nothing was recorded (``system`` None also means "the template's default system prompt").
+    """
+    candidates = ([Path(adapter) / ADAPTER_META] if adapter else []) + [Path(model_dir) / MERGE_REPORT]
+    for meta_file in candidates:
+        if not meta_file.exists():
+            continue
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{meta_file}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        if not meta.get("template"):
+            continue
+        recipe = meta.get("recipe") or {}
+        template = recipe.get("template") or {}
+        return {
+            "template": meta["template"],
+            "system": template.get("system"),
+            "enable_thinking": template.get("enable_thinking"),
+            "instruction": (recipe.get("data") or {}).get("cgec_instruction"),
+            "recorded_in": str(meta_file),
+        }
+    return {"template": None, "system": None, "enable_thinking": None, "instruction": None, "recorded_in": None}
+
+
 def recorded_template(model_dir: str | Path, adapter: str | Path | None = None) -> str | None:
     """The chat template an adapter was trained with, or that a zhtune-merged model records."""
-    for meta_file in ([Path(adapter) / ADAPTER_META] if adapter else []) + [Path(model_dir) / "merge_report.json"]:
-        if meta_file.exists():
-            template = json.loads(meta_file.read_text()).get("template")
-            if template:
-                return template
-    return None
+    return recorded_settings(model_dir, adapter)["template"]

@@ -15,9 +15,12 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen3": _ATTN_MLP,
     "llama": _ATTN_MLP,  # LLaMA-2, Chinese-LLaMA/Alpaca (extended vocabulary), Llama-3
     "mistral": _ATTN_MLP,
-    "glm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),  # GLM-4 (-hf)
+    # GLM-4 (-hf), and ChatGLM2/3 and GLM-4 converted from their original layout by zhtune convert
+    "glm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
     "glm4": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"),
-    "chatglm": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),  # ChatGLM-6B/2/3, remote code
+    # ChatGLM-6B converted by zhtune (zhtune.model.chatglm); ChatGLM2/3 and GLM-4 convert to "glm"
+    "zhtune_chatglm": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+    "chatglm": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),  # the original remote-code layout
     "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
 }
 

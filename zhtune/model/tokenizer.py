@@ -7,12 +7,27 @@ from pathlib import Path
 
 from zhtune.errors import ConfigError
 
+# The files a tokenizer may be saved as (any of them may be absent); merge and conversion copy these.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "ice_text.model",
+)
+
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """Load the tokenizer saved in the directory ``path``.
 
     Args:
-        path: a local checkpoint or tokenizer directory.
+        path: a local checkpoint or tokenizer directory; an original ChatGLM checkpoint (with its weights) is
+            converted once (see :func:`zhtune.model.convert.resolve_checkpoint`) and its converted tokenizer loaded.
         trust_remote_code: allow the checkpoint's own Python tokenizer class (ChatGLM, GLM-4 non-hf).
 
     Raises:
@@ -20,7 +35,11 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """
     from transformers import AutoTokenizer
 
+    from zhtune.model.convert import has_weights, is_original_chatglm, resolve_checkpoint
+
     path = Path(path)
+    if is_original_chatglm(path) and has_weights(path):  # a tokenizer-only folder keeps the remote-code rule below
+        path = resolve_checkpoint(path)
     if not path.is_dir():
         raise ConfigError(f"tokenizer directory {path} does not exist")
     config_file = path / "tokenizer_config.json"

@@ -215,32 +215,51 @@ class PipelineRunner:
         }
 
     def _run_eval_cgec(self, plan: StagePlan, resume: bool) -> tuple[dict, dict]:
-        from zhtune.data.templates import RenderOptions, get_template
+        """Correct and score every set with the final model and each compared one, one model in memory at a time
+        (bf16 on a GPU), each prompted as it was trained (its recorded template, system prompt and instruction;
+        the pipeline's template and system and the last sft stage's instruction where nothing is recorded)."""
+        import gc
+
+        import torch
+
         from zhtune.gec.align import CharAligner
-        from zhtune.gec.correct import correct_and_score, read_inputs
+        from zhtune.gec.correct import correct_and_score, correction_settings, corrector, read_inputs
         from zhtune.gec.scorer import reference_edits
         from zhtune.gec.tables import tables_or_empty
-        from zhtune.infer.engine import Generator
-        from zhtune.model.load import load_for_inference
+        from zhtune.model.load import load_for_inference, recorded_settings
         from zhtune.model.tokenizer import load_tokenizer
 
         semantic, confusion, tables = tables_or_empty()
         aligner = CharAligner(semantic, confusion)
-        template = get_template(self.config.template)
+        defaults = {"template": self.config.template, "system": self.config.system}
+        for stage in self.config.stages[: plan.index]:
+            data = ((stage.recipe or {}).get("data") or {}) if stage.kind == "sft" else {}
+            if data.get("cgec_instruction") is not None:
+                defaults["instruction"] = data["cgec_instruction"]
         results: dict[str, dict] = {}
         named = [("final", self.current_model)] + [(c, self.models[c]) for c in plan.config.compare]
         for model_name, path in named:
+            recorded = {k: v for k, v in recorded_settings(path).items() if v is not None}
+            settings = correction_settings({**defaults, **recorded})
             tokenizer = load_tokenizer(path, self.config.trust_remote_code)
             model = load_for_inference(path, trust_remote_code=self.config.trust_remote_code)
-            gen = Generator(model, tokenizer, template, RenderOptions(system=self.config.system))
-            for s in plan.config.sets:
-                rows = read_inputs(s.input)
-                refs = reference_edits(s.ref, aligner)
-                if s.limit:
-                    rows, refs = rows[: s.limit], refs[: s.limit]
-                out_para = plan.dir / f"{model_name}.{s.name}.para"
-                r = correct_and_score(gen, rows, refs, aligner, out_para, plan.config.batch_size)
-                results.setdefault(model_name, {})[s.name] = r
-            del model
+            generator = corrector(model, tokenizer, settings)
+            try:
+                for s in plan.config.sets:
+                    rows = read_inputs(s.input)
+                    refs = reference_edits(s.ref, aligner)
+                    if s.limit:
+                        rows, refs = rows[: s.limit], refs[: s.limit]
+                    out_para = plan.dir / f"{model_name}.{s.name}.para"
+                    r = correct_and_score(
+                        generator, rows, refs, aligner, out_para, plan.config.batch_size, settings.instruction
+                    )
+                    results.setdefault(model_name, {})[s.name] = r
+            finally:
+                generator.close()
+                del generator, model
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
         scorer = "ChERRANT char-level" if tables else "ChERRANT char-level, approximate (tables not found)"
         return {"hypotheses": sorted(str(p) for p in plan.dir.glob("*.para"))}, {"cgec": results, "scorer": scorer}

@@ -5,6 +5,8 @@
 * fused LoRA linear layers (``zhtune.train.fused_lora``): our own autograd function, on every device;
 * liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton) for the architectures liger knows, on CUDA when the
   ``liger-kernel`` package is installed; its cross-entropy is not used (``zhtune.train.loss`` does the loss);
+* for transformers' ``glm`` (ChatGLM2/3, GLM-4), which liger does not cover: our Triton SwiGLU over the fused
+  ``gate_up_proj`` and partial interleaved RoPE, and liger's RMSNorm (``zhtune.train.glm_kernels``), on CUDA;
 * selective gradient checkpointing: only the first ``checkpoint_fraction`` of the decoder layers recompute their
   activations in the backward pass (1.0: all of them, the transformers default).
 
@@ -143,8 +145,48 @@ def attention_for_generation(model):
         base.set_attn_implementation(previous)
 
 
-def apply_fast_path(model, *, kernels: bool = True, checkpoint_fraction: float = 1.0) -> FastPathReport:
-    """Apply the fast-path pieces to a peft model in place; log once for each piece that cannot apply."""
+def apply_glm(model, report: FastPathReport) -> None:
+    """Apply ``zhtune.train.glm_kernels`` to a ``glm`` model on CUDA; record what applied and why the rest did not."""
+    from zhtune.train.glm_kernels import apply_glm_kernels
+
+    base = base_transformer(model)
+    if not _on_cuda(base):
+        skipped = {"glm_kernels": "the glm kernels need CUDA (the model is not on a GPU)"}
+    else:
+        applied, skipped = apply_glm_kernels(base)
+        report.applied += [f"glm {piece}" for piece in applied]
+    for piece, reason in skipped.items():
+        report.skipped[piece] = reason
+        say_once(f"glm:{piece}", f"fast path: {reason}; using the transformers implementation")
+
+
+def apply_layer_kernels(model, report: FastPathReport) -> None:
+    """The RMSNorm/SwiGLU/RoPE kernels: ours for ``glm``, liger's for the architectures it knows (CUDA only)."""
+    if getattr(base_transformer(model).config, "model_type", None) == "glm":
+        apply_glm(model, report)
+        return
+    reason = apply_liger(model)
+    if reason is None:
+        report.applied.append("liger RMSNorm/SwiGLU/RoPE")
+    else:
+        report.skipped["liger"] = reason
+        say_once("liger", f"fast path: {reason}; using the transformers implementations")
+
+
+def apply_fast_path(
+    model, *, kernels: bool = True, layer_kernels: bool = True, checkpoint_fraction: float = 1.0
+) -> FastPathReport:
+    """Apply the fast-path pieces to a peft model in place; log once for each piece that cannot apply.
+
+    Args:
+        model: the peft model (its base model is patched in place).
+        kernels: fused LoRA layers and, with ``layer_kernels``, the RMSNorm/SwiGLU/RoPE kernels.
+        layer_kernels: off keeps transformers' layers (the benchmarks' "before" of the kernels).
+        checkpoint_fraction: checkpoint only this first fraction of the decoder layers.
+
+    Returns:
+        What was applied and, per piece, why the others were not.
+    """
     report = FastPathReport()
     if kernels:
         n = fuse_lora_layers(model)
@@ -152,12 +194,8 @@ def apply_fast_path(model, *, kernels: bool = True, checkpoint_fraction: float =
             report.applied.append(f"fused LoRA linear ({n} layers)")
         else:
             report.skipped["fused_lora"] = "no peft LoRA linear layers"
-        reason = apply_liger(model)
-        if reason is None:
-            report.applied.append("liger RMSNorm/SwiGLU/RoPE")
-        else:
-            report.skipped["liger"] = reason
-            say_once("liger", f"fast path: {reason}; using the transformers implementations")
+    if kernels and layer_kernels:
+        apply_layer_kernels(model, report)
     if checkpoint_fraction < 1.0:
         kept = select_checkpointed_layers(model, checkpoint_fraction)
         report.applied.append(f"gradient checkpointing on the first {kept} decoder layers")

@@ -45,7 +45,7 @@ from zhtune.train.distributed import (
 from zhtune.train.fast import apply_fast_path, attention_for_generation, choose_attention
 from zhtune.train.loss import summed_ce_chunked
 from zhtune.train.metrics import MetricsWriter, plot_loss
-from zhtune.train.schedule import StepSchedule, build_data, collate, supervised_tokens
+from zhtune.train.schedule import StepSchedule, build_data, collate, step_seed, supervised_tokens
 
 MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 
@@ -158,7 +158,8 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code)
-    data = build_data(recipe, tokenizer)
+    data = build_data(recipe, tokenizer)  # one process tokenizes into the cache, the others map it
+    print(f"{data.source} (process {accelerator.process_index})", flush=True)
     model, optimizer, attn, kernels = _prepare_model(recipe, engine, len(tokenizer), data.packed)
     schedule = StepSchedule(
         len(data.train_units), cfg.micro_batch_size, cfg.grad_accum, accelerator.num_processes, cfg.seed
@@ -189,6 +190,7 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     model.train()
     started, tokens_seen, last, best = time.perf_counter(), 0, {}, {}
     while step < total_steps:
+        torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))  # dropout: per rank, resumable
         all_micro = schedule.micro_batches(step)
         n_tok = sum(supervised_tokens([data.train_units[i] for i in mb]) for mb in all_micro)
         mine = all_micro[accelerator.process_index :: accelerator.num_processes]

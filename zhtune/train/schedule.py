@@ -9,60 +9,61 @@ sees.
 
 from __future__ import annotations
 
-import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from zhtune.config import Recipe
-from zhtune.data.conversation import Conversation
-from zhtune.data.formats import load_conversations
-from zhtune.data.packing import collate_packed, collate_padded, pack_samples
-from zhtune.data.templates import RenderOptions, get_template
-from zhtune.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_dataset
+from zhtune.data.cache import prepare_data
+from zhtune.data.packing import collate_packed, collate_padded
+from zhtune.data.tokenize import IGNORE_INDEX, TokenizedSample
 from zhtune.errors import ConfigError
 
 
 @dataclass
 class TrainData:
-    """Units for training and validation plus what loading and tokenizing reported."""
+    """Units for training and validation plus what loading and tokenizing reported.
 
-    train_units: list
-    val_units: list
+    The units are sequences read from the memory-mapped cache of :mod:`zhtune.data.cache` on access (packed rows,
+    or samples when packing is off); ``source`` says whether this process built the cache or mapped it.
+    """
+
+    train_units: Sequence
+    val_units: Sequence
     packed: bool
     pad_id: int
     reports: dict
-
-
-def split_validation(convs: list[Conversation], val_size: float, seed: int) -> tuple[list, list]:
-    """Hold out ``val_size`` (a fraction below 1, or a count) of the conversations, chosen with ``seed``."""
-    n_val = int(val_size) if val_size >= 1 else int(round(len(convs) * val_size))
-    if n_val <= 0:
-        return convs, []
-    if n_val >= len(convs):
-        raise ConfigError(f"train.val_size {val_size} leaves no training data ({len(convs)} conversations)")
-    order = list(range(len(convs)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_val])
-    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
+    source: str = ""
 
 
 def build_data(recipe: Recipe, tokenizer) -> TrainData:
-    """Load, split, tokenize and (optionally) pack the recipe's data."""
-    convs, load_report = load_conversations(recipe.data.paths, recipe.data)
-    train_convs, val_convs = split_validation(convs, recipe.train.val_size, recipe.train.seed)
-    template = get_template(recipe.template.name)
-    options = RenderOptions(system=recipe.template.system, enable_thinking=recipe.template.enable_thinking)
-    train_samples, train_report = tokenize_dataset(train_convs, tokenizer, template, recipe.tokenize, options)
-    val_samples, val_report = tokenize_dataset(val_convs, tokenizer, template, recipe.tokenize, options)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    if recipe.tokenize.packing:
-        train_units = pack_samples(train_samples, recipe.tokenize.cutoff_len, pad_id)
-        val_units = pack_samples(val_samples, recipe.tokenize.cutoff_len, pad_id) if val_samples else []
-    else:
-        train_units, val_units = train_samples, val_samples
-    reports = {"load": load_report.summary(), "train": train_report.summary(), "val": val_report.summary()}
-    return TrainData(train_units, val_units, recipe.tokenize.packing, pad_id, reports)
+    """The recipe's data as training units: mapped from the prepared-data cache, built there first if missing.
+
+    Several processes (ranks) may call this at once: one builds, the others wait for it and map its arrays.
+
+    Raises:
+        DataError / ConfigError: bad data or settings (file:line, field).
+    """
+    prepared = prepare_data(recipe, lambda: tokenizer)
+    return TrainData(
+        prepared.units("train"),
+        prepared.units("val"),
+        recipe.tokenize.packing,
+        prepared.pad_id,
+        prepared.reports(),
+        prepared.describe(),
+    )
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the random numbers (dropout) rank ``rank`` draws at optimizer step ``step``.
+
+    A pure function of its arguments, so every rank draws its own masks (not the same ones ``world_size`` times)
+    and a resumed run draws exactly what the uninterrupted one drew, without saving per-rank generator states.
+    """
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class StepSchedule:
@@ -97,9 +98,6 @@ class StepSchedule:
         units = self._permutation(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
         return [units[i : i + self.micro] for i in range(0, len(units), self.micro)]
 
-    def for_rank(self, step: int, rank: int) -> list[list[int]]:
-        return self.micro_batches(step)[rank :: self.world]
-
 
 def collate(
     units: list, packed: bool, pad_id: int, mask_dtype: torch.dtype | None = torch.float32, device=None
@@ -111,11 +109,7 @@ def collate(
 
 def supervised_tokens(units: list) -> int:
     """Tokens that carry a loss (labels shifted by one, as the loss sees them)."""
-    total = 0
-    for u in units:
-        labels = u.labels
-        total += sum(1 for label in labels[1:] if label != IGNORE_INDEX)
-    return total
+    return sum(int(np.count_nonzero(np.asarray(u.labels[1:]) != IGNORE_INDEX)) for u in units)
 
 
-__all__ = ["TrainData", "build_data", "StepSchedule", "collate", "supervised_tokens", "TokenizedSample"]
+__all__ = ["TrainData", "build_data", "step_seed", "StepSchedule", "collate", "supervised_tokens", "TokenizedSample"]
