@@ -181,14 +181,15 @@ def score(hyp_rows, ref_edits: list[list[CharEdit]], aligner: CharAligner, beta:
     return result
 
 
-def reference_edits(ref: str | Path, aligner: CharAligner) -> list[list[CharEdit]]:
-    """Reference edits from a char-level M2 file or a para file (one annotator per reference column)."""
+def reference_edits(ref: str | Path, aligner: CharAligner, limit: int | None = None) -> list[list[CharEdit]]:
+    """Reference edits from a char-level M2 file or a para file (one annotator per reference column); with
+    ``limit``, of the first ``limit`` sentences only (aligning references is the slow part)."""
     ref = Path(ref)
     head = ref.read_text(encoding="utf-8")[:2]
     if head.startswith("S "):
-        return read_m2(ref)
+        return read_m2(ref)[:limit]
     out = []
-    for _id, src, targets in read_para(ref):
+    for _id, src, targets in read_para(ref)[:limit]:
         edits = []
         for k, tgt in enumerate(targets):
             edits += char_edits(aligner, src, to_simplified(tgt), k)

@@ -42,7 +42,7 @@ class CgecEvaluator:
         self.aligner = CharAligner(semantic, confusion)
         rows = read_cgec(config.data)[: config.limit]
         self.rows = [(r.id, r.source) for r in rows]
-        self.refs = reference_edits(config.data, self.aligner)[: config.limit]
+        self.refs = reference_edits(config.data, self.aligner, config.limit)
         if not config.keep_best:
             self.best_key = None
 

@@ -238,6 +238,8 @@ class PipelineRunner:
                 defaults["instruction"] = data["cgec_instruction"]
         results: dict[str, dict] = {}
         named = [("final", self.current_model)] + [(c, self.models[c]) for c in plan.config.compare]
+        # the references are aligned once per set (the slow part), not once per compared model
+        refs_of = {s.name: reference_edits(s.ref, aligner, s.limit or None) for s in plan.config.sets}
         for model_name, path in named:
             recorded = {k: v for k, v in recorded_settings(path).items() if v is not None}
             settings = correction_settings({**defaults, **recorded})
@@ -246,10 +248,7 @@ class PipelineRunner:
             generator = corrector(model, tokenizer, settings)
             try:
                 for s in plan.config.sets:
-                    rows = read_inputs(s.input)
-                    refs = reference_edits(s.ref, aligner)
-                    if s.limit:
-                        rows, refs = rows[: s.limit], refs[: s.limit]
+                    rows, refs = read_inputs(s.input)[: s.limit or None], refs_of[s.name]
                     out_para = plan.dir / f"{model_name}.{s.name}.para"
                     r = correct_and_score(
                         generator, rows, refs, aligner, out_para, plan.config.batch_size, settings.instruction
