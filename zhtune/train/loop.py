@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -146,16 +147,75 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     Raises:
         ConfigError / DataError: anything wrong with the recipe, model or data, before training starts.
     """
+    from tqdm.auto import tqdm
+
+    run = _setup(recipe)
+    cfg, step = recipe.train, run.start_step
+    if cfg.eval_every > 0 and run.data.val_units and step == 0:
+        run.metrics.log({"step": 0, "eval_loss": _validation_loss(run)})
+    bar = tqdm(
+        total=run.total_steps, initial=step, disable=not (run.main and cfg.progress_bar), desc="train", unit="step"
+    )
+    run.model.train()
+    started, tokens_seen, last, best = time.perf_counter(), 0, {}, {}
+    while step < run.total_steps:
+        loss, grad_norm, tokens = _train_step(run, step)
+        tokens_seen += tokens
+        step += 1
+        elapsed = time.perf_counter() - started
+        last = {
+            "step": step,
+            "epoch": round(step / run.schedule.steps_per_epoch, 4),
+            "loss": loss,
+            "lr": run.lr,
+            "tokens_per_s": round(tokens_seen * run.accelerator.num_processes / max(elapsed, 1e-9), 1),
+            "grad_norm": grad_norm,
+            "time_s": round(elapsed, 3),
+        }
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
+        bar.update(1)
+        best = _after_step(run, step, last, evaluators, best)
+    bar.close()
+    run.metrics.close()
+    return _finish(run, step, last, best)
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds between steps."""
+
+    recipe: Recipe
+    out: Path
+    accelerator: object
+    engine: object
+    tokenizer: object
+    data: object
+    model: object
+    optimizer: object
+    scheduler: object
+    schedule: StepSchedule
+    total_steps: int
+    mask_dtype: torch.dtype | None
+    chunked: bool
+    metrics: MetricsWriter
+    start_step: int
+    lr: float = 0.0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _setup(recipe: Recipe) -> _Run:
+    """Output folder, engine, tokenizer, data, model, optimizer and schedule; a resumed run's states restored."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     cfg = recipe.train
     out, resume = _prepare_output(recipe)
     accelerator = _fresh_accelerator(Accelerator, MIXED[recipe.model.dtype])
     engine = select_engine(accelerator, recipe)
-    main = accelerator.is_main_process
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code)
     data = build_data(recipe, tokenizer)  # one process tokenizes into the cache, the others map it
@@ -167,86 +227,96 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * schedule.steps_per_epoch)
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else round(cfg.warmup_ratio * total_steps)
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    # SDPA takes a boolean block mask; flex attention builds its block-sparse mask from the position ids
-    mask_dtype = {"sdpa": torch.bool, "flex_attention": None}.get(attn, torch.float32)
-    chunked = cfg.chunked_loss and kernels
-
     step = _resume(resume, engine, optimizer, scheduler) if resume else 0
-    if main:
+    if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.resolved.json").write_text(json.dumps(recipe_to_dict(recipe), indent=2, ensure_ascii=False))
         (out / "data_report.txt").write_text("\n".join(f"{k}: {v}" for k, v in data.reports.items()) + "\n")
-    metrics = MetricsWriter(out, main, resume_step=step)
-    if cfg.eval_every > 0 and data.val_units and step == 0:
-        metrics.log(
-            {
-                "step": 0,
-                "eval_loss": evaluate(
-                    model, accelerator, data.val_units, data, cfg.micro_batch_size, mask_dtype, chunked
-                ),
-            }
-        )
-    bar = tqdm(total=total_steps, initial=step, disable=not (main and cfg.progress_bar), desc="train", unit="step")
-    model.train()
-    started, tokens_seen, last, best = time.perf_counter(), 0, {}, {}
-    while step < total_steps:
-        torch.manual_seed(step_seed(cfg.seed, accelerator.process_index, step))  # dropout: per rank, resumable
-        all_micro = schedule.micro_batches(step)
-        n_tok = sum(supervised_tokens([data.train_units[i] for i in mb]) for mb in all_micro)
-        mine = all_micro[accelerator.process_index :: accelerator.num_processes]
-        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-        for j, mb in enumerate(mine):
-            units = [data.train_units[i] for i in mb]
-            last = j == len(mine) - 1
-            with engine.sync(last):
-                batch = collate(units, data.packed, data.pad_id, mask_dtype, accelerator.device)
-                ce = _forward_loss(model, batch, accelerator.device, chunked)
-                # every engine averages gradients over ranks; scaling by world size makes the result sum / all tokens
-                engine.backward(ce * accelerator.num_processes / max(n_tok, 1), last)
-            loss_sum += ce.detach()
-            tokens_seen += sum(len(u.input_ids) for u in units)
-        loss = (accelerator.reduce(loss_sum, "sum") / max(n_tok, 1)).item()
-        lr = scheduler.get_last_lr()[0]
-        grad_norm = engine.step(cfg.max_grad_norm)
-        scheduler.step()
-        step += 1
-        elapsed = time.perf_counter() - started
-        last = {
-            "step": step,
-            "epoch": round(step / schedule.steps_per_epoch, 4),
-            "loss": loss,
-            "lr": lr,
-            "tokens_per_s": round(tokens_seen * accelerator.num_processes / max(elapsed, 1e-9), 1),
-            "grad_norm": grad_norm,
-            "time_s": round(elapsed, 3),
-        }
-        if step % cfg.log_every == 0 or step == total_steps:
-            if accelerator.device.type == "cuda":  # the largest peak of any rank, for the memory a run needs per GPU
-                peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=accelerator.device)
-                last["peak_gib"] = round(accelerator.gather(peak).max().item(), 2)
-            metrics.log(last)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{last['tokens_per_s']:.0f}")
-        bar.update(1)
-        if cfg.eval_every > 0 and data.val_units and (step % cfg.eval_every == 0 or step == total_steps):
-            last["eval_loss"] = evaluate(
-                model, accelerator, data.val_units, data, cfg.micro_batch_size, mask_dtype, chunked
-            )
-            metrics.log({"step": step, "eval_loss": last["eval_loss"]})
-        for evaluator in evaluators:
-            if evaluator.every > 0 and (step % evaluator.every == 0 or step == total_steps):
-                best = _run_evaluator(evaluator, engine, tokenizer, step, metrics, out, recipe, best)
-        if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == total_steps:
-            _save_checkpoint(out, step, engine, optimizer, scheduler, {"loss": loss, "epoch": last["epoch"]})
-        accelerator.wait_for_everyone()
-    bar.close()
-    metrics.close()
-    summary = {"steps": step, "last": last, "output": str(out), "best": best, "engine": engine.name}
-    weights = gather_trainable(engine)
-    if main:
-        summary["adapter"] = str(_save_final_adapter(out, engine.unwrapped(), weights, tokenizer, recipe))
-        summary["plot"] = str(plot_loss(out, title=_plot_title(recipe, out)))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
+    return _Run(
+        recipe=recipe,
+        out=out,
+        accelerator=accelerator,
+        engine=engine,
+        tokenizer=tokenizer,
+        data=data,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        schedule=schedule,
+        total_steps=total_steps,
+        # SDPA takes a boolean block mask; flex attention builds its block-sparse mask from the position ids
+        mask_dtype={"sdpa": torch.bool, "flex_attention": None}.get(attn, torch.float32),
+        chunked=cfg.chunked_loss and kernels,
+        metrics=MetricsWriter(out, accelerator.is_main_process, resume_step=step),
+        start_step=step,
+    )
+
+
+def _train_step(run: _Run, step: int) -> tuple[float, float | None, int]:
+    """One optimizer step (all its micro-batches on this rank); returns ``(loss, grad_norm, tokens)``: the loss per
+    supervised token over all ranks, the norm before clipping, this rank's tokens."""
+    accelerator, data = run.accelerator, run.data
+    torch.manual_seed(step_seed(run.recipe.train.seed, accelerator.process_index, step))  # dropout: per rank, resumable
+    all_micro = run.schedule.micro_batches(step)
+    n_tok = sum(supervised_tokens([data.train_units[i] for i in mb]) for mb in all_micro)
+    mine = all_micro[accelerator.process_index :: accelerator.num_processes]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    tokens = 0
+    for j, mb in enumerate(mine):
+        units = [data.train_units[i] for i in mb]
+        last = j == len(mine) - 1
+        with run.engine.sync(last):
+            batch = collate(units, data.packed, data.pad_id, run.mask_dtype, accelerator.device)
+            ce = _forward_loss(run.model, batch, accelerator.device, run.chunked)
+            # every engine averages gradients over ranks; scaling by world size makes the result sum / all tokens
+            run.engine.backward(ce * accelerator.num_processes / max(n_tok, 1), last)
+        loss_sum += ce.detach()
+        tokens += sum(len(u.input_ids) for u in units)
+    loss = (accelerator.reduce(loss_sum, "sum") / max(n_tok, 1)).item()
+    run.lr = run.scheduler.get_last_lr()[0]
+    grad_norm = run.engine.step(run.recipe.train.max_grad_norm)
+    run.scheduler.step()
+    return loss, grad_norm, tokens
+
+
+def _validation_loss(run: _Run) -> float:
+    cfg = run.recipe.train
+    return evaluate(
+        run.model, run.accelerator, run.data.val_units, run.data, cfg.micro_batch_size, run.mask_dtype, run.chunked
+    )
+
+
+def _after_step(run: _Run, step: int, last: dict, evaluators, best: dict) -> dict:
+    """Log, validate, run the in-loop evaluators and checkpoint as the recipe says after ``step``; returns ``best``."""
+    cfg, final = run.recipe.train, step == run.total_steps
+    if step % cfg.log_every == 0 or final:
+        if run.accelerator.device.type == "cuda":  # the largest peak of any rank, for the memory a run needs per GPU
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30], device=run.accelerator.device)
+            last["peak_gib"] = round(run.accelerator.gather(peak).max().item(), 2)
+        run.metrics.log(last)
+    if cfg.eval_every > 0 and run.data.val_units and (step % cfg.eval_every == 0 or final):
+        last["eval_loss"] = _validation_loss(run)
+        run.metrics.log({"step": step, "eval_loss": last["eval_loss"]})
+    for evaluator in evaluators:
+        if evaluator.every > 0 and (step % evaluator.every == 0 or final):
+            best = _run_evaluator(evaluator, run.engine, run.tokenizer, step, run.metrics, run.out, run.recipe, best)
+    if (cfg.save_every > 0 and step % cfg.save_every == 0) or final:
+        info = {"loss": last["loss"], "epoch": last["epoch"]}
+        _save_checkpoint(run.out, step, run.engine, run.optimizer, run.scheduler, info)
+    run.accelerator.wait_for_everyone()
+    return best
+
+
+def _finish(run: _Run, step: int, last: dict, best: dict) -> dict:
+    """Gather and write the final adapter, the loss plot and ``summary.json``; return the summary."""
+    summary = {"steps": step, "last": last, "output": str(run.out), "best": best, "engine": run.engine.name}
+    weights = gather_trainable(run.engine)
+    if run.main:
+        model, recipe = run.engine.unwrapped(), run.recipe
+        summary["adapter"] = str(_save_final_adapter(run.out, model, weights, run.tokenizer, recipe))
+        summary["plot"] = str(plot_loss(run.out, title=_plot_title(recipe, run.out)))
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    run.accelerator.wait_for_everyone()
     return summary
 
 
