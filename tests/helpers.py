@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child Python: the checkout first on ``PYTHONPATH`` (whatever else was on it
+    kept, e.g. carried wheels), plus ``extra``."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def tiny_qwen2(path: Path, vocab_size: int = 512, seed: int = 0, attn: str = "eager"):

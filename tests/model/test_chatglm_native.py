@@ -6,7 +6,6 @@ transformers 5): the prompt plus the tokens so far, one full forward per new tok
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import subprocess_env
 from tests.model.reference import reference
 from zhtune.model.convert import convert_checkpoint
 
@@ -143,7 +143,7 @@ def test_import_zhtune_is_cheap_and_registers_the_auto_classes():
         "print(type(config).__name__, type(model).__name__)\n"
     )
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env()
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ZhtuneChatGLMConfig", "ZhtuneChatGLMForCausalLM"]

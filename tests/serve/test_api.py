@@ -5,17 +5,16 @@ concurrent requests counted in model batches, a model failure in the middle of a
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from tests.helpers import subprocess_env
 from tests.serve.conftest import CORRECTIONS, GREETING, TEMPLATE
 
 openai = pytest.importorskip("openai")
@@ -306,7 +305,7 @@ def test_zhtune_serve_command_binds_to_loopback_and_requires_the_key(corrector):
     sock = _free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = subprocess_env()
     cmd = [
         sys.executable,
         "-m",

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import subprocess_env
 from tests.serve.conftest import GREETING, TEMPLATE
 from zhtune.data.conversation import Conversation, Message
 from zhtune.serve.chat import PROMPT
@@ -44,7 +43,7 @@ def test_chat_in_a_terminal(corrector, backend):
     with_system, _ = _answer(backend, [("user", FOLLOW_UP)], SYSTEM)
     assert len({second, fresh, with_system}) == 3  # history and system prompt change the answer: the test can tell
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TERM": "dumb"}
+    env = subprocess_env(TERM="dumb")
     args = ["-m", "zhtune.cli", "chat", "--model", str(corrector), "--template", TEMPLATE, "--temperature", "0"]
     child = pexpect.spawn(
         sys.executable,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from tests.helpers import subprocess_env
 from zhtune.train import fast
 from zhtune.train import glm_kernels as gk
 
@@ -260,7 +260,7 @@ _INTERPRETED = textwrap.dedent(
 def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    env = subprocess_env(TRITON_INTERPRET="1")
     done = subprocess.run(
         [sys.executable, "-c", _INTERPRETED], cwd=root, env=env, capture_output=True, text=True, timeout=600
     )

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import subprocess_env
 from tests.train.conftest import ALPACA, kill_after_checkpoint_script, write_recipe
 from zhtune.train.checkpoint import find_checkpoint
 from zhtune.train.metrics import read_metrics
@@ -27,7 +28,7 @@ ACCELERATE = ROOT / "recipes" / "accelerate"
 STEPS = 4
 COMMON = {"max_steps": STEPS, "save_every": 2, "eval_every": STEPS, "micro_batch_size": 1, "val_size": 6}
 # CPU runs everywhere (gloo), also on a GPU machine: these are the exact fp32 comparisons
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+ENV = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 
 def losses(run: Path) -> dict[int, float]:

@@ -9,7 +9,6 @@ Skipped without CUDA; ZeRO tests skipped without ``deepspeed``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import real_checkpoint
-from tests.train.test_sharded import ACCELERATE, ROOT, cgec_scores, eval_losses, losses
+from tests.helpers import real_checkpoint, subprocess_env
+from tests.train.test_sharded import ACCELERATE, cgec_scores, eval_losses, losses
 
 pytestmark = [
     pytest.mark.gpu,
@@ -27,7 +26,7 @@ pytestmark = [
 STEPS = 8
 GLOBAL_ACCUM = 4  # micro-batches per step over all ranks
 WORLDS = [1] + ([2] if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else [])
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+ENV = subprocess_env()
 ENGINES = {"fsdp2": "fsdp.yaml", "zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
 
 
