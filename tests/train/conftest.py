@@ -36,9 +36,14 @@ def kill_after_checkpoint_script(tmp: Path) -> Path:
     return script
 
 
-def write_recipe(path: Path, model: Path, data: Path, out: Path, template: str, **sections) -> Path:
+def write_recipe(path: Path, checkpoint: Path, data: Path, out: Path, template: str, **sections) -> Path:
     tree = {
-        "model": {"path": str(model), "dtype": "fp32", "gradient_checkpointing": False, "attn_implementation": "sdpa"},
+        "model": {
+            "path": str(checkpoint),
+            "dtype": "fp32",
+            "gradient_checkpointing": False,
+            "attn_implementation": "sdpa",
+        },
         "data": {"paths": [str(data)]},
         "template": {"name": template},
         "tokenize": {"cutoff_len": 64},
