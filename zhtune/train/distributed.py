@@ -50,6 +50,9 @@ class DataParallel:
     name = "ddp"
     shards_parameters = False
     keeps_fused_kernels = True
+    # the forward runs under autocast (DDP) or casts every parameter to one compute dtype (FSDP2's policy), so the
+    # LoRA layers need no input casts of their own; DeepSpeed does neither (fp32 LoRA next to a bf16 base needs them)
+    casts_dtypes = True
 
     def __init__(self, accelerator):
         self.accelerator = accelerator
@@ -168,6 +171,7 @@ class DeepSpeedZero(DataParallel):
     """DeepSpeed ZeRO-2 or ZeRO-3 through accelerate, one engine step per zhtune step."""
 
     shards_parameters = False
+    casts_dtypes = False
 
     def __init__(self, accelerator, stage: int, recipe):
         self.accelerator, self.stage = accelerator, stage

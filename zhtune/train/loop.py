@@ -332,7 +332,7 @@ def _prepare_model(recipe: Recipe, engine, vocab_size: int, packed: bool):
         model.enable_input_require_grads()
     model = attach_lora(model, recipe.lora, resized)
     upcast_trainable(model)
-    if recipe.model.dtype != "fp32":
+    if recipe.model.dtype != "fp32" and engine.casts_dtypes:
         # Under autocast the LoRA matmuls run in bf16/fp16 anyway; peft's own cast of every input to the fp32 adapter
         # dtype only adds full-size copies (16% of GPU time on a 7B step, measured in benchmarks/).
         disable_lora_input_casting(model)
