@@ -10,6 +10,32 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# ``python KILL.py STEP WHERE ARGS...``: ``zhtune ARGS...``, every rank SIGKILLed right after the checkpoint of STEP
+# of the run whose output folder contains WHERE is complete on all ranks (a known point, not a race against a timer)
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+import torch
+import zhtune.train.loop as loop
+real, at, where = loop._save_checkpoint, int(sys.argv.pop(1)), sys.argv.pop(1)
+def save_then_die(out, step, *args, **kwargs):
+    real(out, step, *args, **kwargs)
+    if step == at and where in str(out):
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        os.kill(os.getpid(), signal.SIGKILL)
+loop._save_checkpoint = save_then_die
+from zhtune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def kill_after_checkpoint(tmp: Path, step: int, where: str = "") -> list[str]:
+    """The command line prefix (``python SCRIPT STEP WHERE``) of a zhtune run killed after that checkpoint."""
+    script = tmp / "kill_after_checkpoint.py"
+    script.write_text(KILL_AFTER_CHECKPOINT)
+    return [str(script), str(step), where]
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """This process's environment for a child Python: the checkout first on ``PYTHONPATH`` (whatever else was on it
     kept, e.g. carried wheels), plus ``extra``."""

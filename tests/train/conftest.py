@@ -11,30 +11,6 @@ from tests.helpers import tiny_checkpoint
 
 ALPACA = "data/instruct/alpaca_zh/alpaca_zh_demo.json"
 
-# ``python KILL.py STEP train RECIPE``: zhtune train, every rank SIGKILLed right after the checkpoint of STEP is
-# complete on all ranks (a kill at a known point, not a race against a timer)
-KILL_AFTER_CHECKPOINT = """
-import os, signal, sys
-import torch
-import zhtune.train.loop as loop
-real, at = loop._save_checkpoint, int(sys.argv.pop(1))
-def save_then_die(out, step, *args, **kwargs):
-    real(out, step, *args, **kwargs)
-    if step == at:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        os.kill(os.getpid(), signal.SIGKILL)
-loop._save_checkpoint = save_then_die
-from zhtune.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def kill_after_checkpoint_script(tmp: Path) -> Path:
-    script = tmp / "kill_after_checkpoint.py"
-    script.write_text(KILL_AFTER_CHECKPOINT)
-    return script
-
 
 def write_recipe(path: Path, checkpoint: Path, data: Path, out: Path, template: str, **sections) -> Path:
     tree = {

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import load_fp32
-from tests.train.conftest import ALPACA, kill_after_checkpoint_script, write_recipe
+from tests.helpers import kill_after_checkpoint, load_fp32
+from tests.train.conftest import ALPACA, write_recipe
 from zhtune.config import InitAdapterConfig, LoraConfig, ModelConfig
 from zhtune.model.load import attach_lora, load_base_model
 from zhtune.train.checkpoint import find_checkpoint
@@ -52,8 +52,8 @@ def test_resume_after_kill_matches_uninterrupted(uninterrupted, llama_checkpoint
     recipe = write_recipe(
         tmp_path / "r.yaml", llama_checkpoint, shared / ALPACA, tmp_path / "run", "llama2", train=RESUME, lora=LORA
     )
-    script = kill_after_checkpoint_script(tmp_path)
-    proc = subprocess.run([sys.executable, str(script), str(N), "train", str(recipe)], capture_output=True, timeout=300)
+    killed = [sys.executable, *kill_after_checkpoint(tmp_path, N), "train", str(recipe)]
+    proc = subprocess.run(killed, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert find_checkpoint(tmp_path / "run", "latest").name == f"step-{N:07d}"
     assert not (tmp_path / "run" / "adapter").exists()

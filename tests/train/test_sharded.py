@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import subprocess_env
-from tests.train.conftest import ALPACA, kill_after_checkpoint_script, write_recipe
+from tests.helpers import kill_after_checkpoint, subprocess_env
+from tests.train.conftest import ALPACA, write_recipe
 from zhtune.train.checkpoint import find_checkpoint
 from zhtune.train.metrics import read_metrics
 
@@ -137,7 +137,7 @@ def test_fsdp2_resume_after_kill_matches_uninterrupted(fsdp2, llama_checkpoint, 
     cfg = recipe(tmp_path, llama_checkpoint, shared, "run", 2, cgec=False)
     killed = launch("fsdp.yaml", 2, cfg, port=29542)
     at = killed.index("-m", killed.index("--main_process_port"))
-    killed[at : at + 2] = [str(kill_after_checkpoint_script(tmp_path)), "2"]  # both ranks die after step 2's save
+    killed[at : at + 2] = kill_after_checkpoint(tmp_path, 2)  # both ranks die after step 2's save
     proc = subprocess.run(killed, capture_output=True, text=True, timeout=400, env=ENV)
     assert proc.returncode != 0, "the run was not killed"
     assert find_checkpoint(tmp_path / "run", "latest").name == "step-0000002"
