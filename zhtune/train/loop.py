@@ -159,6 +159,7 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
     run.model.train()
     started, tokens_seen, last, best = time.perf_counter(), 0, {}, {}
     while step < run.total_steps:
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler steps after it)
         loss, grad_norm, tokens = _train_step(run, step)
         tokens_seen += tokens
         step += 1
@@ -167,7 +168,7 @@ def train(recipe: Recipe, evaluators: list | tuple = ()) -> dict:
             "step": step,
             "epoch": round(step / run.schedule.steps_per_epoch, 4),
             "loss": loss,
-            "lr": run.lr,
+            "lr": lr,
             "tokens_per_s": round(tokens_seen * run.accelerator.num_processes / max(elapsed, 1e-9), 1),
             "grad_norm": grad_norm,
             "time_s": round(elapsed, 3),
@@ -199,7 +200,6 @@ class _Run:
     chunked: bool
     metrics: MetricsWriter
     start_step: int
-    lr: float = 0.0
 
     @property
     def main(self) -> bool:
@@ -273,7 +273,6 @@ def _train_step(run: _Run, step: int) -> tuple[float, float | None, int]:
         loss_sum += ce.detach()
         tokens += sum(len(u.input_ids) for u in units)
     loss = (accelerator.reduce(loss_sum, "sum") / max(n_tok, 1)).item()
-    run.lr = run.scheduler.get_last_lr()[0]
     grad_norm = run.engine.step(run.recipe.train.max_grad_norm)
     run.scheduler.step()
     return loss, grad_norm, tokens
