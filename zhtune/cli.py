@@ -217,7 +217,8 @@ def correct(args: argparse.Namespace) -> int:
         args.trust_remote_code,
     )
     model = load_for_inference(args.model, args.adapter, args.dtype, args.trust_remote_code)
-    generator = corrector(model, tokenizer, settings, speculative=not args.no_speculative)
+    invariant = False if args.no_batch_invariant else "auto"
+    generator = corrector(model, tokenizer, settings, speculative=not args.no_speculative, invariant=invariant)
     fixed, stats = correct_rows(
         generator,
         rows,
@@ -235,6 +236,7 @@ def correct(args: argparse.Namespace) -> int:
     )
     speed = generator.stats.as_dict()
     mode = "plain greedy" if args.no_speculative else "speculative"
+    mode += ", batch-invariant kernels" if generator.engine.invariant else ""
     print(
         f"{stats['sentences'] / max(speed['seconds'], 1e-9):.2f} sentences/s, {speed['tokens_per_s']} tokens/s, "
         f"mean accepted length {speed['mean_accepted_length']} ({mode}; template {settings.template})"
@@ -507,6 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chars", type=int, default=128, help="split longer inputs at sentence ends")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto", help="auto: bf16 on GPU")
     p.add_argument("--no-speculative", action="store_true", help="plain greedy decoding, no input-copy drafts")
+    p.add_argument(
+        "--no-batch-invariant",
+        action="store_true",
+        help="torch's GEMM kernels on the GPU instead of the batch-invariant ones (bf16 outputs may then depend on "
+        "--batch-size)",
+    )
     p.add_argument("--no-fallback", action="store_true", help="write the model's first line even when it is bad")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--force", action="store_true", help="overwrite --output")

@@ -97,10 +97,16 @@ def test_correct_equals_argmax_loop_over_the_models_own_chat_template(family, ch
     inp, hyp = _write_inputs(tmp_path / "in.txt", sentences), tmp_path / "hyp.para"
     reference = _reference(model_dir, sentences)
     expected = [h for h, _cut in reference]
-    for flags in (["--batch-size", "1"], ["--batch-size", "4"], ["--batch-size", "4", "--no-speculative"]):
+    runs = (
+        ["--batch-size", "1"],
+        ["--batch-size", "4", "--no-batch-invariant"],
+        ["--batch-size", "4", "--no-speculative"],
+    )
+    for flags in runs:
         got, printed = _correct(capsys, model_dir, inp, hyp, "--template", template, "--no-fallback", *flags)
         assert got == expected, flags
         assert "sentences/s" in printed and "tokens/s" in printed and "mean accepted length" in printed
+        assert "batch-invariant" not in printed  # a CPU: torch's kernels
     truncated = sum(cut for _h, cut in reference)
     assert truncated > 0  # a random model rarely stops: its outputs are cut by their budgets
     assert f"'truncated': {truncated}" in printed

@@ -77,12 +77,14 @@ def correction_settings(
     )
 
 
-def corrector(model, tokenizer, settings: CorrectionSettings, speculative: bool = True, graphs="auto") -> Generator:
-    """A :class:`Generator` that renders prompts as ``settings`` say."""
+def corrector(
+    model, tokenizer, settings: CorrectionSettings, speculative: bool = True, graphs="auto", invariant="auto"
+) -> Generator:
+    """A :class:`Generator` that renders prompts as ``settings`` say (``graphs``/``invariant``: see the engine)."""
     from zhtune.data.templates import RenderOptions, get_template
 
     options = RenderOptions(system=settings.system, enable_thinking=settings.enable_thinking)
-    return Generator(model, tokenizer, get_template(settings.template), options, speculative, graphs)
+    return Generator(model, tokenizer, get_template(settings.template), options, speculative, graphs, invariant)
 
 
 def read_inputs(path: str | Path) -> list[tuple[str, str]]:

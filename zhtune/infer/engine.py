@@ -7,7 +7,11 @@ its last token followed by a draft (:mod:`zhtune.infer.speculative`) — and the
 comes back. The longest agreeing prefix of a draft is kept plus the model's own next token, so the output is
 token for token the greedy output; ``speculative=False`` feeds no drafts. ``k`` is the largest a row asks for
 (rounded up to a power of two when steps are CUDA graphs, one graph per size); rows with less to feed get longer
-drafts, which cost nothing in a launch-bound step. Each row stops at a stop token or at its own budget.
+drafts, which cost nothing in a launch-bound step. Each row stops at a stop token or at its own budget. On a GPU
+the steps run on batch-invariant kernels (:mod:`zhtune.infer.invariant`): a token's logits are then the same bit for
+bit whatever ``k`` and whichever rows share its step, so in bf16 too the output equals the engine's own one-sentence,
+draft-free greedy decoding at every batch size (``invariant=False``: torch's kernels, ~1.25x faster, bf16 rows may
+then flip at a near-tie).
 
 Greedy means greedy: no sampling, no repetition penalty, no logits processor of any kind, whatever the checkpoint's
 ``generation_config.json`` says; stop tokens are the template's end-of-turn tokens and the tokenizer's EOS. A model
@@ -32,9 +36,11 @@ import torch
 from zhtune.data.conversation import Conversation
 from zhtune.data.templates import RenderOptions, SpecialTokens, Template
 from zhtune.data.tokenize import encode_segments, pad_id
+from zhtune.errors import ZhtuneError
 from zhtune.infer import speculative
 from zhtune.infer.completion import Completion, DecodeStats, Request
 from zhtune.infer.hf import hf_generate
+from zhtune.infer.invariant import available as invariant_kernels_available
 from zhtune.infer.kv import StepRunner, UnsupportedModel, causal_lm
 from zhtune.infer.speculative import CopyDrafter
 
@@ -100,6 +106,14 @@ class _Row:
         return False
 
 
+def _invariant_choice(invariant: bool | str, device: torch.device) -> bool:
+    if invariant == "auto":
+        return device.type == "cuda" and invariant_kernels_available(device)
+    if invariant and not invariant_kernels_available(device):
+        raise ZhtuneError(f"batch-invariant kernels need Triton and a CUDA device (the model is on {device})")
+    return bool(invariant)
+
+
 def _bucket(n: int, k_max: int) -> int:
     k = 1
     while k < n:
@@ -116,6 +130,9 @@ class Engine:
         pad_id: the token fed where a row has nothing to feed.
         speculative: draft from each request's ``source`` (rows without one decode plainly).
         graphs: ``"auto"`` (CUDA graphs on CUDA), True or False.
+        invariant: batch-invariant kernels for the steps (:mod:`zhtune.infer.invariant`), so that the output is
+            bit for bit the same at every batch size and draft length: ``"auto"`` (on CUDA with Triton), True
+            (raises without them) or False (torch's kernels: on a GPU in bf16 a row may then depend on its batch).
         end_token: the token drafted after the source (the template's end of turn).
         width: characters a token stands for, for re-aligning drafts after an edit.
         max_step_tokens: rows x k at most per step (bounds the logits of a step).
@@ -130,6 +147,7 @@ class Engine:
         *,
         speculative: bool = True,
         graphs: bool | str = "auto",
+        invariant: bool | str = "auto",
         end_token: int | None = None,
         width: Callable[[int], int] | None = None,
         max_step_tokens: int = 2048,
@@ -141,6 +159,7 @@ class Engine:
         self.max_step_tokens, self.max_k = max_step_tokens, max_k
         device = next(model.parameters()).device
         self.graphs = device.type == "cuda" if graphs == "auto" else bool(graphs)
+        self.invariant = _invariant_choice(invariant, device)
         self.stats = DecodeStats()
         self._runner: StepRunner | None = None
         model_type = getattr(causal_lm(model).config, "model_type", None)
@@ -162,7 +181,7 @@ class Engine:
         if r is not None and r.rows == rows and r.max_len >= slots:
             return r
         self.close()
-        self._runner = StepRunner(self.model, rows, slots, graphs=self.graphs)
+        self._runner = StepRunner(self.model, rows, slots, graphs=self.graphs, invariant=self.invariant)
         return self._runner
 
     def close(self) -> None:
@@ -241,6 +260,7 @@ class Generator:
         options: system prompt override and Qwen3 thinking switch (``add_generation_prompt`` is implied).
         speculative: draft from the sources given to :meth:`complete`.
         graphs: CUDA graphs for the decoding steps (``"auto"``: on CUDA).
+        invariant: batch-invariant kernels for the steps (``"auto"``: on CUDA with Triton; see :class:`Engine`).
     """
 
     model: object
@@ -249,6 +269,7 @@ class Generator:
     options: RenderOptions = RenderOptions()
     speculative: bool = True
     graphs: bool | str = "auto"
+    invariant: bool | str = "auto"
     _engine: Engine | None = field(default=None, init=False, repr=False)
     _widths: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -295,6 +316,7 @@ class Generator:
                 pad,
                 speculative=self.speculative,
                 graphs=self.graphs,
+                invariant=self.invariant,
                 end_token=self.end_of_turn_id(),
                 width=self.token_width,
             )

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from zhtune.errors import ZhtuneError
+from zhtune.infer.invariant import batch_invariant
 
 log = logging.getLogger(__name__)
 ATTENTION = "zhtune_static_kv"
@@ -158,14 +159,15 @@ class StepRunner:
         rows: the batch size, fixed for the runner's life.
         max_len: slots per row.
         graphs: capture each distinct ``k`` as a CUDA graph (CUDA only); False runs eagerly.
+        invariant: run the forwards on the batch-invariant kernels (:mod:`zhtune.infer.invariant`).
 
     Raises:
         UnsupportedModel: the probe forward found a model this attention cannot run exactly.
     """
 
-    def __init__(self, model, rows: int, max_len: int, graphs: bool = False):
+    def __init__(self, model, rows: int, max_len: int, graphs: bool = False, invariant: bool = False):
         _register()
-        self.model, self.rows, self.max_len = model, rows, max_len
+        self.model, self.rows, self.max_len, self.invariant = model, rows, max_len, invariant
         self.lm = causal_lm(model)
         self.device = next(self.lm.parameters()).device
         self.graphs_on = bool(graphs) and self.device.type == "cuda"
@@ -231,14 +233,18 @@ class StepRunner:
 
     # -- the step -------------------------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        return self.step_logits(ids, ends).argmax(-1)
+
+    def step_logits(self, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """The eager step: ``ids [rows, k]`` written at slots ``ends[r]..`` (both on the model's device); returns the
+        ``[rows, k, vocab]`` logits."""
         k = ids.shape[1]
         slots = step_slots(ends, k, self.max_len)
         visible = torch.arange(self.max_len, device=ids.device)[None, None, :] <= slots[:, :, None]
         self.cache.slots = slots
         self.cache.masks = {g: visible[:, None].repeat(1, 1, g, 1) for g in self.groups}
-        with self._autocast(), _using(self.cache):
-            logits = self.lm(input_ids=ids, position_ids=slots, attention_mask=visible[:, None], use_cache=False).logits
-        return logits.argmax(-1)
+        with self._autocast(), _using(self.cache), batch_invariant(self.invariant):
+            return self.lm(input_ids=ids, position_ids=slots, attention_mask=visible[:, None], use_cache=False).logits
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
