@@ -109,9 +109,13 @@ def _decode(model, requests, batch_size, speculative, invariant):
     return done
 
 
-def test_speculative_batches_equal_greedy_one_at_a_time_bf16():
+def test_speculative_batches_equal_greedy_one_at_a_time_bf16(monkeypatch):
     """A random bf16 model (logits close together: near-ties everywhere) whose drafts are its own greedy output
     with an edit or two, so that steps verify long blocks and rows accept different lengths."""
+    from zhtune.infer import invariant_triton as kernels
+
+    calls = []
+    monkeypatch.setattr(kernels, "linear", lambda *a, _f=kernels.linear: calls.append(1) or _f(*a))
     model = _model(layers=6)
     g = torch.Generator().manual_seed(4)
     prompts = [
@@ -128,5 +132,8 @@ def test_speculative_batches_equal_greedy_one_at_a_time_bf16():
     requests = [Request(p, 24, s) for p, s in zip(prompts, sources)]
     for batch_size in (16, 64):
         assert _decode(model, requests, batch_size, speculative=True, invariant=True) == greedy
+    assert calls  # the steps (their captures) really ran the kernels
+    calls.clear()
     vendor = _decode(model, requests, 16, speculative=True, invariant=False)
+    assert not calls
     print(f"torch's kernels: {sum(a != b for a, b in zip(vendor, greedy))} of {len(greedy)} rows differ")
