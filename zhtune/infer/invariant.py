@@ -26,18 +26,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import os
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from zhtune.triton_support import runs_triton
+
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
@@ -47,7 +44,7 @@ def _kernels():
 
 def available(device: torch.device | str) -> bool:
     """Whether the invariant kernels can run on ``device`` (CUDA with Triton, or Triton's interpreter on a CPU)."""
-    if torch.device(device).type != "cuda" and not _interpreting():
+    if not runs_triton(device):
         return False
     try:
         _kernels()
@@ -62,10 +59,8 @@ def _covers(*tensors: torch.Tensor | None) -> bool:
         return False
     if any(t.requires_grad for t in present) and torch.is_grad_enabled():
         return False
-    device = present[0].device
-    on_device = device.type == "cuda" or (device.type == "cpu" and _interpreting())
-    dtype = present[0].dtype
-    return on_device and dtype in _FLOATS and all(t.device == device and t.dtype == dtype for t in present)
+    device, dtype = present[0].device, present[0].dtype
+    return runs_triton(device) and dtype in _FLOATS and all(t.device == device and t.dtype == dtype for t in present)
 
 
 def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:

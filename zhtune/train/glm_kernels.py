@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import types
 
 import torch
+
+from zhtune.triton_support import runs_triton
 
 _FLAG = "_zhtune_fused_rope"  # set on the cos/sin tensors of patched models
 
@@ -82,7 +83,7 @@ def rope_math(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out_dtype: 
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return runs_triton(t.device)
 
 
 @functools.cache
