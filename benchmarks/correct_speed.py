@@ -321,19 +321,30 @@ def mismatches(ours, theirs) -> dict:
     return {"compared": n, "mismatched": len(bad), "first_mismatched_rows": bad[:10]}
 
 
-def timing_phase(args, run: Run, model_dir: Path, instruction: str) -> None:
+def load_corrector(args, model_dir: Path, instruction: str, dtype: str, sentences: int):
+    """The corrector in ``dtype``, a ``corrector(**options)`` factory for it, and the requests of the first
+    ``sentences`` NLPCC18 test sources with their stop and pad tokens."""
     from zhtune.gec.correct import CorrectionSettings, corrector
     from zhtune.model.load import load_for_inference
     from zhtune.model.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    model = load_for_inference(model_dir, dtype="bf16" if torch.cuda.is_available() else "fp32")
+    model = load_for_inference(model_dir, dtype=dtype)
     settings = CorrectionSettings("qwen", instruction=instruction)
-    spec, plain = corrector(model, tokenizer, settings), corrector(model, tokenizer, settings, speculative=False)
-    vendor = corrector(model, tokenizer, settings, invariant=False)
-    src = args.cgec / "nlpcc18/nlpcc18_test.src.txt"
-    requests = nlpcc_requests(spec, src, instruction, max(args.b1_sentences, args.b16_sentences))
-    stops, pad = spec.stop_ids(), tokenizer.pad_token_id
+
+    def make(**options):
+        return corrector(model, tokenizer, settings, **options)
+
+    spec = make()
+    requests = nlpcc_requests(spec, args.cgec / "nlpcc18/nlpcc18_test.src.txt", instruction, sentences)
+    return model, make, spec, requests, spec.stop_ids(), tokenizer.pad_token_id
+
+
+def timing_phase(args, run: Run, model_dir: Path, instruction: str) -> None:
+    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    sentences = max(args.b1_sentences, args.b16_sentences)
+    model, make, spec, requests, stops, pad = load_corrector(args, model_dir, instruction, dtype, sentences)
+    plain, vendor = make(speculative=False), make(invariant=False)
     t = run.results.setdefault("timing", {})
     t["hf_greedy_b1"], hf_b1 = time_hf(model, requests[: args.b1_sentences], stops, pad, 1, args.hf_cap_s)
     run.save()
@@ -378,19 +389,9 @@ def timing_phase(args, run: Run, model_dir: Path, instruction: str) -> None:
 def fp32_phase(args, run: Run, model_dir: Path, instruction: str) -> None:
     """The same rows in fp32 (TF32 off): zhtune's speculative batches against transformers' greedy decoding, where
     both are exact enough that kernel choice does not move an argmax."""
-    from zhtune.gec.correct import CorrectionSettings, corrector
-    from zhtune.model.load import load_for_inference
-    from zhtune.model.tokenizer import load_tokenizer
-
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    tokenizer = load_tokenizer(model_dir)
-    model = load_for_inference(model_dir, dtype="fp32")
-    settings = CorrectionSettings("qwen", instruction=instruction)
-    spec = corrector(model, tokenizer, settings)
-    src = args.cgec / "nlpcc18/nlpcc18_test.src.txt"
-    requests = nlpcc_requests(spec, src, instruction, args.b16_sentences)
-    stops, pad = spec.stop_ids(), tokenizer.pad_token_id
+    model, _make, spec, requests, stops, pad = load_corrector(args, model_dir, instruction, "fp32", args.b16_sentences)
     t = run.results.setdefault("fp32", {})
     t["hf_greedy_b1"], hf_b1 = time_hf(model, requests[: args.b1_sentences // 2], stops, pad, 1, args.hf_cap_s / 2)
     t["hf_greedy_b16"], hf_b16 = time_hf(model, requests, stops, pad, 16, args.hf_cap_s / 2)
