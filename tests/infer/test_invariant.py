@@ -1,8 +1,8 @@
 """The batch-invariant kernels compute what torch computes, the mode hands every call they do not cover back to torch,
-and the engine on them still decodes exactly what a plain argmax loop decodes — run on a CPU under Triton's
-interpreter (``TRITON_INTERPRET=1``, in a child process: the variable is read when Triton is imported). That a row's
-result does not depend on its batch is a property of the GPU kernels and is checked there
-(``tests/infer/test_invariant_gpu.py``)."""
+and the engine on them still decodes exactly what a plain argmax loop decodes (and not with a kernel whose rows
+depend on their neighbours) — run on a CPU under Triton's interpreter (``TRITON_INTERPRET=1``, in a child process:
+the variable is read when Triton is imported). That a row's result does not depend on its batch is a property of the
+GPU kernels and is checked there (``tests/infer/test_invariant_gpu.py``)."""
 
 from __future__ import annotations
 
@@ -81,6 +81,12 @@ _INTERPRETED = textwrap.dedent(
         assert done == reference, (speculative, batch, done, reference)
         assert calls["linear"] > 0  # the forwards really ran on the kernels
         engine.close()
+    # negative: a kernel whose rows depend on the rows beside them (every row after the first rotated) is caught
+    exact_linear = invariant_triton.linear
+    invariant_triton.linear = lambda *a: (lambda o: torch.cat([o[:1], o[1:].roll(1, -1)]))(exact_linear(*a))
+    engine = Engine(model, {3, 5}, 0, speculative=True, invariant=True)
+    assert [(c.tokens, c.stopped) for c in engine.generate(requests, 3)] != reference
+    engine.close()
     print("interpreted invariant kernels ok")
     """
 )
